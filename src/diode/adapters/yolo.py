@@ -1,0 +1,209 @@
+"""`YOLOv3Adapter`: the bundled darknet YOLOv3 family as a :class:`DetectorAdapter`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diode import hub
+from diode.models.yolo import Darknet, load_darknet_weights, load_ultralytics_checkpoint
+from diode.models.yolo.decode import postprocess
+from diode.models.yolo.loss import YOLOLoss
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+Device = str | torch.device | None
+
+
+class YOLOv3Adapter:
+    """A darknet YOLO model (:class:`~diode.models.yolo.Darknet`) seen through the adapter protocol.
+
+    Images are float ``[B, 3, H, W]`` RGB in ``[0, 1]`` (what darknet expects:
+    no further normalization); any size works, images are zero-padded on the
+    right and bottom to a multiple of the model stride, which leaves pixel
+    coordinates unchanged.
+
+    Args:
+        model: the network.
+        class_names: one name per class (default ``"class_<i>"``).
+        loss: the detection loss (default: the original recipe's settings).
+        source: provenance recorded in synthesis manifests (name, cfg, sha256).
+    """
+
+    def __init__(self, model: Darknet, *, class_names: Sequence[str] | None = None,
+                 loss: YOLOLoss | None = None, source: dict[str, Any] | None = None) -> None:
+        if not isinstance(model, Darknet):
+            raise TypeError(f"model must be a diode.models.yolo.Darknet, got {type(model).__name__}")
+        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(model.num_classes)]
+        if len(names) != model.num_classes:
+            raise ValueError(f"class_names has {len(names)} names but the model has {model.num_classes} classes")
+        self.model = model
+        self.class_names = names
+        self.loss = loss if loss is not None else YOLOLoss()
+        self.source = dict(source or {"cfg": model.cfg_name})
+
+    # constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name: str = "yolov3-tiny", *, weights: PathLike | None = None,
+                        device: Device = None) -> YOLOv3Adapter:
+        """A frozen teacher from the weights registry (:mod:`diode.hub`), sha256-checked.
+
+        Args:
+            name: registry name, e.g. ``"yolov3-tiny"``.
+            weights: a local copy of the registered file (verified, not downloaded).
+            device: where to put the model (default CPU).
+        """
+        entry = hub.get_entry(name)
+        path = hub.fetch(name, path=weights)
+        sha = entry.sha256 or hub.sha256_file(path)
+        model = Darknet(entry.cfg, num_classes=entry.num_classes)
+        load_darknet_weights(model, path)
+        source = {"name": name, "cfg": entry.cfg, "weights": str(path), "sha256": sha}
+        return cls(model, class_names=entry.class_names, source=source).to(device).freeze()
+
+    @classmethod
+    def from_darknet(cls, cfg: PathLike, weights: PathLike, *, class_names: Sequence[str] | None = None,
+                     device: Device = None) -> YOLOv3Adapter:
+        """A frozen teacher from a darknet cfg (bundled name or path) and ``.weights`` file."""
+        model = Darknet(cfg)
+        load_darknet_weights(model, weights)
+        source = {"name": Path(weights).name, "cfg": model.cfg_name, "weights": str(weights),
+                  "sha256": hub.sha256_file(weights)}
+        return cls(model, class_names=_names(class_names, model), source=source).to(device).freeze()
+
+    @classmethod
+    def from_ultralytics(cls, cfg: PathLike, checkpoint: PathLike, *, class_names: Sequence[str] | None = None,
+                         device: Device = None) -> YOLOv3Adapter:
+        """A frozen teacher from an Ultralytics-archive ``.pt`` checkpoint (BN eps 1e-4 kept)."""
+        model = Darknet(cfg)
+        load_ultralytics_checkpoint(model, checkpoint)
+        source = {"name": Path(checkpoint).name, "cfg": model.cfg_name, "weights": str(checkpoint),
+                  "sha256": hub.sha256_file(checkpoint)}
+        return cls(model, class_names=_names(class_names, model), source=source).to(device).freeze()
+
+    @classmethod
+    def from_config(cls, cfg: PathLike, *, num_classes: int | None = None,
+                    class_names: Sequence[str] | None = None, device: Device = None) -> YOLOv3Adapter:
+        """A randomly initialised, trainable model (a student) from a cfg."""
+        if num_classes is None and class_names is not None:
+            num_classes = len(class_names)
+        model = Darknet(cfg, num_classes=num_classes)
+        return cls(model, class_names=_names(class_names, model)).to(device)
+
+    # protocol -----------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return self.model.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: Device = None, **kwargs: Any) -> YOLOv3Adapter:
+        """Move the model (``nn.Module.to`` arguments); returns ``self``."""
+        if device is not None or kwargs:
+            self.model.to(device, **kwargs)
+        return self
+
+    def freeze(self) -> YOLOv3Adapter:
+        """Eval mode and no parameter gradients (a teacher); returns ``self``."""
+        self.model.eval().requires_grad_(False)
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Raw head outputs ``[B, A, H_i, W_i, 5 + C]`` for images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        return self.model(self._pad(images))
+
+    def task_loss(self, raw: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+        """YOLO loss (GIoU box + objectness + class BCE) of ``raw`` against ``targets`` (xyxy pixels)."""
+        return self.loss(raw, self.model.anchors, self.model.strides, targets)[0]
+
+    def postprocess(self, raw: list[Tensor], *, image_size: tuple[int, int], conf: float = 0.25,
+                    iou: float = 0.45) -> list[dict[str, Tensor]]:
+        """Detections from raw outputs, boxes clipped to ``image_size`` ``(H, W)``."""
+        return postprocess(raw, self.model.anchors, self.model.strides, conf=conf, iou=iou,
+                           image_size=image_size)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, *, conf: float = 0.25, iou: float = 0.45) -> list[dict[str, Tensor]]:
+        """Detections per image: ``boxes`` ``[K, 4]`` xyxy input pixels, ``scores`` ``[K]``, ``labels`` ``[K]``.
+
+        Runs the model in eval mode (restoring its previous mode).
+        """
+        training = self.model.training
+        self.model.eval()
+        try:
+            raw = self.forward(images)
+        finally:
+            self.model.train(training)
+        return self.postprocess(raw, image_size=(images.shape[-2], images.shape[-1]), conf=conf, iou=iou)
+
+    def bn_layers(self) -> list[nn.Module]:
+        """The BatchNorm layers in forward order."""
+        return list(self.model.bn_layers())
+
+    # real images ----------------------------------------------------------------------------
+
+    def detect(self, image: Tensor, *, size: int = 416, conf: float = 0.25, iou: float = 0.45) -> dict[str, Tensor]:
+        """Detect objects in one photograph of any size, darknet style.
+
+        The image is letterboxed (aspect kept, grey padding) to ``size x size``
+        and the boxes are mapped back to the original pixels.
+
+        Args:
+            image: float ``[3, H, W]`` RGB in ``[0, 1]``.
+            size: network input size, a multiple of the model stride.
+        """
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image must be [3, H, W] RGB, got shape {tuple(image.shape)}")
+        boxed, scale, (pad_x, pad_y) = letterbox(image.to(self.device, torch.float32), size)
+        det = self.predict(boxed[None], conf=conf, iou=iou)[0]
+        boxes = det["boxes"].clone()
+        boxes[:, 0::2] = ((boxes[:, 0::2] - pad_x) / scale).clamp(0, image.shape[2])
+        boxes[:, 1::2] = ((boxes[:, 1::2] - pad_y) / scale).clamp(0, image.shape[1])
+        return {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
+
+    def _pad(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] RGB in [0, 1], got shape {tuple(images.shape)}")
+        s = self.model.max_stride
+        ph, pw = -images.shape[2] % s, -images.shape[3] % s
+        return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+
+    def __repr__(self) -> str:
+        return f"YOLOv3Adapter(cfg={self.model.cfg_name!r}, num_classes={self.num_classes}, source={self.source})"
+
+
+def letterbox(image: Tensor, size: int, *, fill: float = 0.5) -> tuple[Tensor, float, tuple[int, int]]:
+    """Resize ``[3, H, W]`` keeping its aspect into a ``size x size`` canvas filled with ``fill``.
+
+    Returns:
+        ``(canvas [3, size, size], scale, (pad_x, pad_y))`` with
+        ``canvas_xy = image_xy * scale + pad``.
+    """
+    h, w = image.shape[-2:]
+    scale = min(size / h, size / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
+    canvas = image.new_full((3, size, size), fill)
+    canvas[:, pad_y:pad_y + nh, pad_x:pad_x + nw] = resized
+    return canvas, scale, (pad_x, pad_y)
+
+
+def _names(class_names: Sequence[str] | None, model: Darknet) -> list[str] | None:
+    if class_names is None and model.num_classes == len(hub.COCO_CLASSES):
+        return list(hub.COCO_CLASSES)
+    return None if class_names is None else list(class_names)

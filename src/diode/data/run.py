@@ -1,0 +1,170 @@
+"""A synthesis run folder on disk: resumable, atomic, one record per finished batch.
+
+Layout::
+
+    root/manifest.json        teacher, full config, seed, per-batch status and metrics
+    root/images/000000.png    lossless images, numbered globally
+    root/labels/000000.txt    YOLO labels (class cx cy w h, normalized)
+    root/batches/000003.json  the commit record of batch 3 (written last)
+    root/annotations.json     COCO annotations of every finished image
+    root/preview.png          contact sheet of the first images with their boxes
+
+Every file is written to a temporary name and renamed into place, and a batch
+counts as finished only once its record exists, so a run killed at any moment
+leaves either a finished batch or nothing of it (stale temporary files are
+removed when the folder is opened again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from diode._boxes import Target
+from diode.data.io import PathLike, atomic_write_json, save_image
+from diode.data.labels import read_yolo_labels, write_coco, write_yolo_labels
+
+logger = logging.getLogger(__name__)
+
+#: Config keys that may change between runs into the same folder without
+#: invalidating finished batches (batch i depends only on the seed and i).
+RESUMABLE_KEYS = frozenset({"num_images", "device", "progress"})
+
+
+class RunFolder:
+    """Storage of one synthesis job.
+
+    Args:
+        root: the run folder (created if missing).
+        config: the job's full configuration (JSON-serializable); a folder that
+            already holds a run with a different config is refused.
+        class_names: the teacher's class names, for the COCO file and previews.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+        ValueError: the folder holds a run with a different configuration.
+    """
+
+    def __init__(self, root: PathLike, *, config: dict[str, Any], class_names: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.class_names = list(class_names)
+        self.config = json.loads(json.dumps(config))
+        if self.root.exists() and not self.root.is_dir():
+            raise OSError(f"output folder {self.root} is not writable: it is a file")
+        for sub in ("images", "labels", "batches"):
+            try:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"output folder {self.root} is not writable: {e}") from e
+        self._remove_stale_temporaries()
+        manifest = self.root / "manifest.json"
+        if manifest.exists():
+            self._check_same_config(json.loads(manifest.read_text())["config"])
+        self._write_manifest(status="running")
+
+    def _remove_stale_temporaries(self) -> None:
+        for folder in (self.root, self.root / "images", self.root / "labels", self.root / "batches"):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def _check_same_config(self, previous: dict[str, Any]) -> None:
+        keys = (set(previous) | set(self.config)) - RESUMABLE_KEYS
+        diff = sorted(k for k in keys if previous.get(k) != self.config.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in diff[:5])
+            raise ValueError(f"{self.root} holds a run with a different configuration ({shown}); "
+                             "use another output folder, or the same arguments to resume")
+
+    def _record_path(self, batch_index: int) -> Path:
+        return self.root / "batches" / f"{batch_index:06d}.json"
+
+    def record(self, batch_index: int) -> dict[str, Any] | None:
+        """The commit record of a finished batch, or ``None``."""
+        path = self._record_path(batch_index)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def is_done(self, batch_index: int) -> bool:
+        """Whether batch ``batch_index`` finished (its record and all its files exist)."""
+        rec = self.record(batch_index)
+        if rec is None:
+            return False
+        return all((self.root / "images" / f).exists() and (self.root / "labels" / (Path(f).stem + ".txt")).exists()
+                   for f in rec["images"])
+
+    def write_batch(self, batch_index: int, images: Tensor, targets: Sequence[Target], *,
+                    first_image: int, metrics: dict[str, Any]) -> list[str]:
+        """Write one batch's images and labels, then its commit record.
+
+        Args:
+            batch_index: index of the batch in the job.
+            images: float ``[B, 3, H, W]`` in ``[0, 1]``.
+            targets: ``B`` dicts, boxes xyxy pixels of ``images``.
+            first_image: global index of the batch's first image (file numbering).
+            metrics: JSON-serializable metrics stored in the record.
+
+        Returns:
+            The image file names written.
+        """
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+        h, w = images.shape[-2:]
+        names = []
+        cpu = images.detach().float().cpu()
+        for j, t in enumerate(targets):
+            stem = f"{first_image + j:06d}"
+            save_image(self.root / "images" / f"{stem}.png", cpu[j])
+            write_yolo_labels(self.root / "labels" / f"{stem}.txt", t["boxes"], t["labels"], (h, w))
+            names.append(f"{stem}.png")
+        atomic_write_json(self._record_path(batch_index),
+                          {"batch": batch_index, "status": "done", "images": names, "height": h, "width": w,
+                           "metrics": metrics})
+        return names
+
+    def _write_manifest(self, *, status: str, batches: dict[str, Any] | None = None) -> None:
+        from diode import __version__
+
+        atomic_write_json(self.root / "manifest.json", {
+            "diode_version": __version__, "status": status, "config": self.config,
+            "class_names": self.class_names, "batches": batches or {}})
+
+    def finalize(self, num_batches: int, *, preview: int = 16) -> dict[str, Any]:
+        """Write ``annotations.json``, ``preview.png`` and the final manifest.
+
+        Args:
+            num_batches: batches of the job; the manifest says which finished.
+            preview: number of images in the contact sheet (0: none).
+
+        Returns:
+            The manifest written.
+        """
+        from diode.data.io import load_image
+        from diode.viz import save_contact_sheet
+
+        batches: dict[str, Any] = {}
+        files: list[tuple[str, int, int]] = []
+        targets: list[Target] = []
+        for i in range(num_batches):
+            rec = self.record(i) if self.is_done(i) else None
+            batches[str(i)] = rec or {"batch": i, "status": "missing"}
+            if rec is None:
+                continue
+            for name in rec["images"]:
+                files.append((name, rec["height"], rec["width"]))
+                targets.append(read_yolo_labels(self.root / "labels" / (Path(name).stem + ".txt"),
+                                                (rec["height"], rec["width"])))
+        write_coco(self.root / "annotations.json", files, targets, self.class_names)
+        if preview and files:
+            shown = files[:preview]
+            images = [load_image(self.root / "images" / name) for name, _, _ in shown]
+            sizes = {tuple(im.shape) for im in images}
+            if len(sizes) == 1:
+                save_contact_sheet(self.root / "preview.png", images, targets[: len(shown)],
+                                   class_names=self.class_names)
+        done = all(b["status"] == "done" for b in batches.values())
+        self._write_manifest(status="complete" if done else "partial", batches=batches)
+        return json.loads((self.root / "manifest.json").read_text())

@@ -1,0 +1,1 @@
+"""DeepInversion for detectors: box sampling, box-aware augmentation, losses and synthesis."""

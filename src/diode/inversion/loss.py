@@ -1,0 +1,172 @@
+"""DeepInversion loss for detectors: BatchNorm statistics, image priors and the task loss."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from diode.adapters.base import DetectorAdapter
+
+_BN_TYPES = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d)
+
+
+def tv_losses(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Total-variation priors over 4 directions (horizontal, vertical, both diagonals).
+
+    Args:
+        images: ``[B, C, H, W]``.
+
+    Returns:
+        ``(tv_l1, tv_l2)``: the sum over directions of the mean absolute
+        neighbour difference, and the sum over directions of the Frobenius norm
+        of the differences (the DeepInversion definitions).
+    """
+    diffs = (
+        images[:, :, :, :-1] - images[:, :, :, 1:],
+        images[:, :, :-1, :] - images[:, :, 1:, :],
+        images[:, :, 1:, :-1] - images[:, :, :-1, 1:],
+        images[:, :, :-1, :-1] - images[:, :, 1:, 1:],
+    )
+    tv_l1 = sum(d.abs().mean() for d in diffs)
+    tv_l2 = sum(torch.linalg.vector_norm(d) for d in diffs)
+    return tv_l1, tv_l2  # type: ignore[return-value]
+
+
+class DeepInversionLoss(nn.Module):
+    """The DIODE objective on a batch of (augmented) images.
+
+    ``L = w_task * task + w_bn * sum_l c_l (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2)
+    + w_tv1 * TV_L1 + w_tv2 * TV_L2 + w_l2 * mean_b ||x_b||_2``
+
+    where ``mu_l``, ``var_l`` are the batch mean and biased variance over
+    ``(N, H, W)`` of the input of BatchNorm layer ``l``, ``c_1 =
+    first_bn_weight`` and ``c_l = 1`` otherwise. Defaults are the reference
+    recipe's stage 1.
+
+    Args:
+        teacher: the frozen detector (any :class:`DetectorAdapter`).
+        w_task: weight of the adapter's detection loss.
+        w_bn: weight of the BatchNorm statistics term.
+        first_bn_weight: ``c_1``, the weight of the first BN layer.
+        num_bn_layers: use only the first ``k`` BN layers (``None``: all).
+        w_tv1: weight of TV-L1. w_tv2: weight of TV-L2. w_l2: weight of the image L2 norm.
+
+    Raises:
+        ValueError: the teacher has no BatchNorm layer, or a weight is negative.
+    """
+
+    def __init__(
+        self,
+        teacher: DetectorAdapter,
+        *,
+        w_task: float = 0.5,
+        w_bn: float = 0.1,
+        first_bn_weight: float = 2.0,
+        num_bn_layers: int | None = None,
+        w_tv1: float = 75.0,
+        w_tv2: float = 0.0,
+        w_l2: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("w_task", w_task), ("w_bn", w_bn), ("first_bn_weight", first_bn_weight),
+                            ("w_tv1", w_tv1), ("w_tv2", w_tv2), ("w_l2", w_l2)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if num_bn_layers is not None and num_bn_layers < 1:
+            raise ValueError(f"num_bn_layers must be >= 1 or None, got {num_bn_layers}")
+        layers = [m for m in teacher.bn_layers() if isinstance(m, _BN_TYPES)]
+        if not layers:
+            raise ValueError(
+                f"{type(teacher.model).__name__} has no BatchNorm layer: DeepInversion matches BatchNorm "
+                "running statistics, so the teacher needs BatchNorm1d/2d, SyncBatchNorm or FrozenBatchNorm2d"
+            )
+        self.teacher = teacher
+        self.w_task, self.w_bn, self.first_bn_weight = w_task, w_bn, first_bn_weight
+        self.num_bn_layers = num_bn_layers
+        self.w_tv1, self.w_tv2, self.w_l2 = w_tv1, w_tv2, w_l2
+        self._layers = layers
+
+    @property
+    def bn_layers(self) -> list[nn.Module]:
+        """The BatchNorm layers whose statistics are matched, in forward order."""
+        return self._layers[: self.num_bn_layers]
+
+    def replace(self, **changes: Any) -> DeepInversionLoss:
+        """A copy with some weights changed (e.g. a stage's ``first_bn_weight=0``); validated."""
+        unknown = set(changes) - {"w_task", "w_bn", "first_bn_weight", "num_bn_layers", "w_tv1", "w_tv2",
+                                  "w_l2"}
+        if unknown:
+            raise ValueError(f"unknown DeepInversionLoss option(s): {', '.join(sorted(unknown))}")
+        kwargs = {k: getattr(self, k) for k in ("w_task", "w_bn", "first_bn_weight", "num_bn_layers",
+                                                 "w_tv1", "w_tv2", "w_l2")}
+        kwargs.update(changes)
+        return DeepInversionLoss(self.teacher, **kwargs)
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[list[tuple[Tensor, Tensor] | None]]:
+        """Register forward hooks recording each BN input's (biased var, mean); always removed.
+
+        Yields the list the hooks fill, one ``(var [C], mean [C])`` per layer.
+        """
+        layers = self.bn_layers
+        stats: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
+
+        def make_hook(i: int):  # noqa: ANN202
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                x = inputs[0]
+                dims = [d for d in range(x.ndim) if d != 1]
+                stats[i] = torch.var_mean(x.float(), dim=dims, correction=0)
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
+        try:
+            yield stats
+        finally:
+            for h in handles:
+                h.remove()
+
+    def bn_term(self, stats: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor]:
+        """Weighted BN-statistics loss and the per-layer values ``[L]`` (unweighted)."""
+        per_layer = []
+        for (var, mean), layer in zip(_require(stats), self.bn_layers):
+            rm, rv = layer.running_mean, layer.running_var
+            per_layer.append(torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv))
+        values = torch.stack(per_layer)
+        coef = torch.ones_like(values)
+        coef[0] = self.first_bn_weight
+        return (coef * values).sum(), values
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the teacher on ``images`` and compute the loss.
+
+        Args:
+            images: ``[B, 3, H, W]`` float in ``[0, 1]`` (already augmented).
+            targets: boxes (xyxy pixels of ``images``) and labels per image.
+
+        Returns:
+            ``(total, parts)``: the scalar loss and detached per-term values
+            ``{"task", "bn", "tv_l1", "tv_l2", "l2", "bn_layers"}`` (no host sync).
+        """
+        with self.hooks() as stats:
+            raw = self.teacher.forward(images)
+        task = self.teacher.task_loss(raw, targets)
+        bn, bn_layers = self.bn_term(stats)
+        tv_l1, tv_l2 = tv_losses(images)
+        l2 = torch.linalg.vector_norm(images.flatten(1), dim=1).mean()
+        total = (self.w_task * task + self.w_bn * bn + self.w_tv1 * tv_l1 + self.w_tv2 * tv_l2
+                 + self.w_l2 * l2)
+        parts = {"task": task, "bn": bn, "tv_l1": tv_l1, "tv_l2": tv_l2, "l2": l2, "bn_layers": bn_layers}
+        return total, {k: v.detach() for k, v in parts.items()}
+
+
+def _require(stats: list[tuple[Tensor, Tensor] | None]) -> list[tuple[Tensor, Tensor]]:
+    missing = [i for i, s in enumerate(stats) if s is None]
+    if missing:
+        raise RuntimeError(f"BatchNorm layer(s) {missing} were not run by the teacher's forward; "
+                           "set num_bn_layers to skip layers the forward does not use")
+    return stats  # type: ignore[return-value]

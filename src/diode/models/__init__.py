@@ -1,0 +1,1 @@
+"""Detector architectures diode ships (the darknet YOLOv3 family in :mod:`diode.models.yolo`)."""

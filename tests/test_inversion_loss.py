@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyBNAdapter
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from diode.inversion.loss import DeepInversionLoss, tv_losses
+
+
+def _targets(n: int) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.tensor([[2.0, 2.0, 10.0, 12.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+
+
+def test_bn_term_is_zero_when_batch_statistics_match_running_ones() -> None:
+    adapter = TinyBNAdapter()
+    loss = DeepInversionLoss(adapter)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # Layer by layer (downstream inputs depend on upstream running stats in eval mode).
+    for i, layer in enumerate(loss.bn_layers):
+        with loss.hooks() as stats:
+            adapter.forward(x)
+        var, mean = stats[i]
+        with torch.no_grad():
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+    with loss.hooks() as stats:
+        adapter.forward(x)
+    bn, per_layer = loss.bn_term(stats)
+    assert bn.item() == pytest.approx(0.0, abs=1e-5)
+    assert per_layer.shape == (2,)
+
+
+def test_bn_term_is_plain_l2_norm_with_first_layer_weight() -> None:
+    adapter = TinyBNAdapter()
+    x = torch.rand(2, 3, 8, 8)
+    loss = DeepInversionLoss(adapter, first_bn_weight=3.0)
+    with loss.hooks() as stats:
+        adapter.forward(x)
+    bn, per_layer = loss.bn_term(stats)
+    first = adapter.model[1]
+    conv_out = adapter.model[0](x)
+    var, mean = torch.var_mean(conv_out, dim=(0, 2, 3), unbiased=False)
+    expected0 = torch.linalg.norm(mean - first.running_mean) + torch.linalg.norm(var - first.running_var)
+    assert per_layer[0].item() == pytest.approx(expected0.item(), rel=1e-5)
+    assert bn.item() == pytest.approx(3.0 * per_layer[0].item() + per_layer[1].item(), rel=1e-5)
+
+
+def test_num_bn_layers_limits_the_term() -> None:
+    loss = DeepInversionLoss(TinyBNAdapter(), num_bn_layers=1)
+    _, parts = loss(torch.rand(2, 3, 8, 8), _targets(2))
+    assert parts["bn_layers"].shape == (1,)
+
+
+def test_total_combines_weighted_terms_and_parts_are_detached() -> None:
+    adapter = TinyBNAdapter()
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    loss = DeepInversionLoss(adapter, w_task=0.5, w_bn=0.1, w_tv1=75.0, w_tv2=2.0, w_l2=0.3)
+    total, parts = loss(x, _targets(2))
+    expected = (0.5 * parts["task"] + 0.1 * parts["bn"] + 75 * parts["tv_l1"] + 2.0 * parts["tv_l2"]
+                + 0.3 * parts["l2"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert all(not v.requires_grad for v in parts.values())
+    total.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_tv_losses_zero_on_constant_and_match_definition() -> None:
+    l1, l2 = tv_losses(torch.full((1, 3, 5, 5), 0.3))
+    assert l1.item() == 0 and l2.item() == 0
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0
+    l1, l2 = tv_losses(x)
+    # horizontal: 1 of 2 diffs, vertical: 1 of 2, diagonal: 0 of 1, anti-diagonal: 1 of 1
+    assert l1.item() == pytest.approx(0.5 + 0.5 + 0.0 + 1.0)
+    assert l2.item() == pytest.approx(1 + 1 + 0 + 1)
+
+
+def test_tv_gradcheck() -> None:
+    x = torch.rand(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: tv_losses(t)[1], (x,))
+
+
+def test_hooks_are_removed_even_when_forward_raises() -> None:
+    adapter = TinyBNAdapter()
+    loss = DeepInversionLoss(adapter)
+    with pytest.raises(RuntimeError, match="boom"), loss.hooks():
+        raise RuntimeError("boom")
+    assert all(not m._forward_hooks for m in adapter.model.modules())
+    loss(torch.rand(1, 3, 8, 8), _targets(1))
+    assert all(not m._forward_hooks for m in adapter.model.modules())
+
+
+def test_model_without_batchnorm_is_rejected() -> None:
+    adapter = TinyBNAdapter()
+    adapter.model = nn.Sequential(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        DeepInversionLoss(adapter)
+
+
+@pytest.mark.parametrize("norm", [FrozenBatchNorm2d, nn.SyncBatchNorm])
+def test_other_batchnorm_kinds(norm: type[nn.Module]) -> None:
+    adapter = TinyBNAdapter(norm=norm)
+    total, parts = DeepInversionLoss(adapter)(torch.rand(2, 3, 8, 8), _targets(2))
+    assert torch.isfinite(total) and parts["bn_layers"].shape == (2,)
+
+
+def test_replace_changes_weights_and_validates() -> None:
+    loss = DeepInversionLoss(TinyBNAdapter())
+    stage2 = loss.replace(first_bn_weight=0.0, w_task=1.0)
+    assert stage2.first_bn_weight == 0.0 and stage2.w_task == 1.0 and loss.first_bn_weight == 2.0
+    with pytest.raises(ValueError, match="unknown"):
+        loss.replace(w_bogus=1.0)
+    with pytest.raises(ValueError, match="w_bn"):
+        DeepInversionLoss(TinyBNAdapter(), w_bn=-1.0)
