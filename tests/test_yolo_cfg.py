@@ -44,7 +44,13 @@ def test_parse_types_values():
     assert net["momentum"] == pytest.approx(0.9) and isinstance(net["momentum"], float)
     assert net["steps"] == [400000, 450000]
     assert net["scales"] == [pytest.approx(0.1), pytest.approx(0.1)]
-    assert conv == {"type": "convolutional", "batch_normalize": 1, "filters": 8, "size": 3, "activation": "leaky"}
+    assert conv == {
+        "type": "convolutional",
+        "batch_normalize": 1,
+        "filters": 8,
+        "size": 3,
+        "activation": "leaky",
+    }
     assert route1["layers"] == [-1]
     assert route2["layers"] == [-1, 0]
     assert yolo["mask"] == [0, 2]

@@ -13,7 +13,9 @@ NET = "[net]\nwidth=64\nheight=64\nchannels=3\n"
 HEAD = "[yolo]\nmask=0,1\nanchors=4,6, 10,12, 20,30\nclasses=3\n"
 
 # 64x64 input: two heads at stride 32 (2x2) and 16 (4x4), every layer type.
-TINY = NET + """
+TINY = (
+    NET
+    + """
 [convolutional]
 batch_normalize=1
 filters=8
@@ -69,7 +71,9 @@ pad=1
 filters=16
 activation=linear
 
-""" + HEAD + """
+"""
+    + HEAD
+    + """
 [route]
 layers = -3
 
@@ -77,7 +81,7 @@ layers = -3
 stride=2
 
 [route]
-layers = -1, 4
+layers = -1, 5
 
 [convolutional]
 size=1
@@ -86,12 +90,18 @@ pad=1
 filters=16
 activation=linear
 
-""" + HEAD.replace("mask=0,1", "mask=1,2")
+"""
+    + HEAD.replace("mask=0,1", "mask=1,2")
+)
 
 
-def _conv(filters: int, size: int = 3, stride: int = 1, pad: int = 1, bn: int = 1, act: str = "leaky") -> str:
-    return (f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\nstride={stride}\n"
-            f"pad={pad}\nactivation={act}\n\n")
+def _conv(
+    filters: int, size: int = 3, stride: int = 1, pad: int = 1, bn: int = 1, act: str = "leaky"
+) -> str:
+    return (
+        f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\nstride={stride}\n"
+        f"pad={pad}\nactivation={act}\n\n"
+    )
 
 
 def _head_cfg(body: str) -> str:
@@ -117,8 +127,10 @@ def _darknet_maxpool_reference(x: torch.Tensor, size: int, stride: int) -> torch
     return out
 
 
-@pytest.mark.parametrize(("size", "stride", "hw"), [(2, 2, 8), (2, 2, 7), (2, 1, 6), (3, 2, 7), (3, 1, 5),
-                                                    (5, 1, 6), (9, 1, 6), (13, 1, 6)])
+@pytest.mark.parametrize(
+    ("size", "stride", "hw"),
+    [(2, 2, 8), (2, 2, 7), (2, 1, 6), (3, 2, 7), (3, 1, 5), (5, 1, 6), (9, 1, 6), (13, 1, 6)],
+)
 def test_maxpool_matches_darknet(size: int, stride: int, hw: int):
     x = -torch.rand(1, 2, hw, hw) - 1  # all negative: zero padding would show
     got = MaxPoolDarknet(size, stride, size - 1)(x)
@@ -130,7 +142,9 @@ def test_layer_shapes_follow_darknet_arithmetic():
     shapes: dict[int, tuple[int, ...]] = {}
     for i, m in enumerate(model.module_list):
         if model.module_defs[i]["type"] != "route":
-            m.register_forward_hook(lambda mod, inp, out, i=i: shapes.__setitem__(i, tuple(out.shape)))
+            m.register_forward_hook(
+                lambda mod, inp, out, i=i: shapes.__setitem__(i, tuple(out.shape))
+            )
     heads = model(torch.rand(2, 3, 64, 64))
     assert shapes[0] == (2, 8, 64, 64)  # 3x3 s1 pad=1: same size
     assert shapes[1] == (2, 8, 32, 32)  # maxpool 2/2
@@ -146,8 +160,14 @@ def test_layer_shapes_follow_darknet_arithmetic():
 
 
 def test_route_and_shortcut_values():
-    body = (_conv(8) + _conv(4) + "[route]\nlayers=-1,0\n\n" + _conv(4, bn=0, act="linear")
-            + "[shortcut]\nfrom=1\nactivation=linear\n\n" + "[route]\nlayers=-2\n\n")
+    body = (
+        _conv(8)
+        + _conv(4)
+        + "[route]\nlayers=-1,0\n\n"
+        + _conv(4, bn=0, act="linear")
+        + "[shortcut]\nfrom=1\nactivation=linear\n\n"
+        + "[route]\nlayers=-2\n\n"
+    )
     model = Darknet(_head_cfg(body))
     out: dict[int, torch.Tensor] = {}
     for i, m in enumerate(model.module_list):
@@ -184,12 +204,16 @@ def test_conv_blocks_and_state_dict_layout():
     model = Darknet(TINY)
     keys = model.state_dict().keys()
     assert "module_list.0.Conv2d.weight" in keys and "module_list.0.Conv2d.bias" not in keys
-    assert {f"module_list.0.BatchNorm2d.{k}" for k in ("weight", "bias", "running_mean", "running_var",
-                                                         "num_batches_tracked")} <= set(keys)
+    assert {
+        f"module_list.0.BatchNorm2d.{k}"
+        for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    } <= set(keys)
     assert "module_list.8.Conv2d.bias" in keys and "module_list.8.BatchNorm2d.weight" not in keys
     assert not any("anchors" in k for k in keys)
     block = model.module_list[0]
-    assert isinstance(block.leaky, nn.LeakyReLU) and block.leaky.negative_slope == pytest.approx(0.1)
+    assert isinstance(block.leaky, nn.LeakyReLU) and block.leaky.negative_slope == pytest.approx(
+        0.1
+    )
     assert list(dict(model.module_list[8].named_children())) == ["Conv2d"]
     convs = model.conv_layers()
     assert [c.out_channels for c, _ in convs] == [8, 8, 8, 16, 16, 16]
@@ -203,18 +227,23 @@ def test_bn_options():
     assert all(bn.eps == 1e-4 and bn.momentum == 0.03 for bn in model.bn_layers())
 
 
-@pytest.mark.parametrize(("name", "params", "file_bytes", "strides", "bns"), [
-    ("yolov3-tiny", 8_852_366, 35_434_956, [32, 16], 11),
-    ("yolov3", 61_949_149, 248_007_048, [32, 16, 8], 72),
-    ("yolov3-spp", 62_998_749, 252_209_544, [32, 16, 8], 73),
-])
-def test_bundled_models(name: str, params: int, file_bytes: int, strides: list[int], bns: int):
+@pytest.mark.parametrize(
+    ("name", "params", "file_bytes", "strides", "bns", "size"),
+    [
+        ("yolov3-tiny", 8_852_366, 35_434_956, [32, 16], 11, 416),
+        ("yolov3", 61_949_149, 248_007_048, [32, 16, 8], 72, 608),
+        ("yolov3-spp", 62_998_749, 252_209_544, [32, 16, 8], 73, 608),
+    ],
+)
+def test_bundled_models(
+    name: str, params: int, file_bytes: int, strides: list[int], bns: int, size: int
+):
     model = Darknet(name)
     assert sum(p.numel() for p in model.parameters()) == params
     running = sum(2 * bn.num_features for bn in model.bn_layers())
     assert 20 + 4 * (params + running) == file_bytes  # the size of darknet's COCO .weights file
     assert model.strides == strides and len(model.bn_layers()) == bns
-    assert model.num_classes == 80 and model.input_size == (416, 416) and model.cfg_name == name
+    assert model.num_classes == 80 and model.input_size == (size, size) and model.cfg_name == name
 
 
 def test_yolov3_tiny_forward_64():
@@ -222,8 +251,10 @@ def test_yolov3_tiny_forward_64():
     with torch.no_grad():
         heads = model(torch.rand(1, 3, 64, 64))
     assert [tuple(h.shape) for h in heads] == [(1, 3, 2, 2, 85), (1, 3, 4, 4, 85)]
-    assert [a.tolist() for a in model.anchors] == [[[81, 82], [135, 169], [344, 319]],
-                                                   [[23, 27], [37, 58], [81, 82]]]
+    assert [a.tolist() for a in model.anchors] == [
+        [[81, 82], [135, 169], [344, 319]],
+        [[23, 27], [37, 58], [81, 82]],
+    ]
 
 
 def test_num_classes_override():
@@ -233,7 +264,10 @@ def test_num_classes_override():
     assert model.module_list[15].Conv2d.out_channels == 24
     assert model.num_classes == 3 and model.cfg_name == "<parsed cfg>"
     assert all(d["classes"] == 3 for d in model.module_defs if d["type"] == "yolo")
-    assert [d["filters"] for d in defs if d.get("filters") in (24, 255)] == [255, 255]  # input not mutated
+    assert [d["filters"] for d in defs if d.get("filters") in (24, 255)] == [
+        255,
+        255,
+    ]  # input not mutated
     heads = model(torch.rand(1, 3, 64, 64))
     assert [h.shape[-1] for h in heads] == [8, 8]
 
@@ -273,18 +307,33 @@ def test_input_validation():
         Darknet(TINY, num_classes=0)
 
 
-@pytest.mark.parametrize(("cfg", "match"), [
-    (NET + _conv(8) + "[route]\nlayers=3\n\n" + HEAD, "must be an earlier layer"),
-    (NET + _conv(8) + _conv(4) + "[shortcut]\nfrom=-2\n\n" + HEAD, "does not match the previous layer"),
-    (NET + _conv(8) + HEAD, r"8 channels but 2 anchors x \(5 \+ 3 classes\) = 16"),
-    (NET + _conv(16, act="swish") + HEAD, "unsupported activation 'swish'"),
-    (NET + _conv(8) + "[maxpool]\nsize=2\nstride=2\n\n[route]\nlayers=-1,-2\n\n" + HEAD, "spatial sizes"),
-    (NET + _conv(16) + HEAD + _conv(16), r"a layer after \[yolo\] must be a \[route\]"),
-    (NET + _conv(16, size=1, bn=0, act="linear") + HEAD + "[route]\nlayers=-2\n\n"
-     + _conv(7, size=1, bn=0, act="linear") + HEAD.replace("classes=3", "classes=2").replace("mask=0,1", "mask=0"),
-     "disagree on classes"),
-    (NET + _conv(8), r"no \[yolo\] layer"),
-])
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        (NET + _conv(8) + "[route]\nlayers=3\n\n" + HEAD, "must be an earlier layer"),
+        (
+            NET + _conv(8) + _conv(4) + "[shortcut]\nfrom=-2\n\n" + HEAD,
+            "does not match the previous layer",
+        ),
+        (NET + _conv(8) + HEAD, r"8 channels but 2 anchors x \(5 \+ 3 classes\) = 16"),
+        (NET + _conv(16, act="swish") + HEAD, "unsupported activation 'swish'"),
+        (
+            NET + _conv(8) + "[maxpool]\nsize=2\nstride=2\n\n[route]\nlayers=-1,-2\n\n" + HEAD,
+            "spatial sizes",
+        ),
+        (NET + _conv(16) + HEAD + _conv(16), r"a layer after \[yolo\] must be a \[route\]"),
+        (
+            NET
+            + _conv(16, size=1, bn=0, act="linear")
+            + HEAD
+            + "[route]\nlayers=-2\n\n"
+            + _conv(7, size=1, bn=0, act="linear")
+            + HEAD.replace("classes=3", "classes=2").replace("mask=0,1", "mask=0"),
+            "disagree on classes",
+        ),
+        (NET + _conv(8), r"no \[yolo\] layer"),
+    ],
+)
 def test_bad_cfgs(cfg: str, match: str):
     with pytest.raises(ValueError, match=match):
         Darknet(cfg)

@@ -1,7 +1,35 @@
-"""diode: data-free knowledge distillation for object detection."""
+"""diode: data-free knowledge distillation for object detection (DIODE).
+
+Synthesize a labelled detection dataset from a trained detector alone
+(DeepInversion for detection) and distill a student detector from it.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from diode import hub
+from diode.adapters.base import DetectorAdapter
+from diode.adapters.yolo import YOLOv3Adapter
+from diode.inversion.augment import AugmentationPipeline
+from diode.inversion.job import synthesize_dataset, write_dataset
+from diode.inversion.loss import DeepInversionLoss
+from diode.inversion.sampler import BBoxSampler, FPSampling
+from diode.inversion.synthesizer import Stage, SynthesisResult, Synthesizer, reference_stages
+
+__all__ = [
+    "AugmentationPipeline",
+    "BBoxSampler",
+    "DeepInversionLoss",
+    "DetectorAdapter",
+    "FPSampling",
+    "Stage",
+    "SynthesisResult",
+    "Synthesizer",
+    "YOLOv3Adapter",
+    "__version__",
+    "hub",
+    "reference_stages",
+    "synthesize_dataset",
+    "write_dataset",
+]

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diode._boxes import Target, validate_targets
+from diode._boxes import Target
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike
+from diode.data.labels import coco_dict
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +69,10 @@ def _check_labels(predictions: Sequence[Target], num_classes: int) -> None:
             )
 
 
-def _coco_structures(
-    predictions: Sequence[Target], targets: Sequence[Target], num_classes: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Ground truth as a COCO dataset dict and detections as a COCO result list."""
-    images, annotations, results = [], [], []
-    for image_id, (p, t) in enumerate(zip(predictions, targets, strict=True), start=1):
-        images.append({"id": image_id})
-        b = t["boxes"].detach().to("cpu", torch.float64)
-        for (x1, y1, x2, y2), label in zip(b.tolist(), t["labels"].tolist(), strict=True):
-            # Annotation ids start at 1: COCOeval treats a matched id of 0 as "unmatched".
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label) + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 0,
-                }
-            )
+def _coco_results(predictions: Sequence[Target]) -> list[dict[str, Any]]:
+    """Detections as a COCO result list (image ids ``1..N``, category ids ``label + 1``)."""
+    results: list[dict[str, Any]] = []
+    for image_id, p in enumerate(predictions, start=1):
         b = p["boxes"].detach().to("cpu", torch.float64)
         for (x1, y1, x2, y2), score, label in zip(
             b.tolist(), p["scores"].tolist(), p["labels"].tolist(), strict=True
@@ -100,8 +85,7 @@ def _coco_structures(
                     "score": float(score),
                 }
             )
-    categories = [{"id": c + 1, "name": str(c)} for c in range(num_classes)]
-    return {"images": images, "annotations": annotations, "categories": categories}, results
+    return results
 
 
 def _run_cocoeval(
@@ -175,9 +159,13 @@ def detection_map(
     if num_classes is None:
         seen = [int(t["labels"].max()) for t in (*targets, *predictions) if t["labels"].numel()]
         num_classes = max(seen, default=-1) + 1
-    validate_targets(targets, num_classes=num_classes)
     _check_labels(predictions, num_classes)
-    gt, dt = _coco_structures(predictions, targets, num_classes)
+    # Image sizes do not matter to bbox evaluation; annotation ids start at 1, which
+    # COCOeval needs (it reads a matched id of 0 as "unmatched").
+    gt = coco_dict(
+        [(str(i), 0, 0) for i in range(len(targets))], targets, [str(c) for c in range(num_classes)]
+    )
+    dt = _coco_results(predictions)
     gt_classes = sorted({a["category_id"] - 1 for a in gt["annotations"]})
     if not dt or not gt_classes:
         return _zero_result(gt_classes)

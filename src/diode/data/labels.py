@@ -122,8 +122,8 @@ def coco_dict(
             "give one target per image"
         )
     validate_targets(targets, num_classes=len(class_names))
-    coco_images = []
-    annotations = []
+    coco_images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, ((file_name, h, w), t) in enumerate(zip(images, targets, strict=True), start=1):
         coco_images.append(
             {"id": image_id, "file_name": str(file_name), "height": int(h), "width": int(w)}

@@ -12,24 +12,21 @@ randomness comes from the ``torch.Generator`` argument, on whose device the imag
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from diode._boxes import Target
+from diode.data.io import atomic_write_json, atomic_write_text, save_image
+from diode.data.labels import write_yolo_labels
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +87,8 @@ class ShapesConfig:
                              f"{8 / self.image_size:.3f}")
         unknown = [c for c in self.classes if c not in SHAPE_NAMES]
         if not self.classes or unknown or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes must be distinct names from {SHAPE_NAMES}, got {self.classes}")
+            raise ValueError(f"classes must be distinct names from {SHAPE_NAMES}, "
+                             f"got {self.classes}")
         if not isinstance(self.domain, str) or not self.domain:
             raise ValueError(f"domain must be a non-empty name, got {self.domain!r}")
         if self.background not in ("textured", "plain"):
@@ -197,7 +195,8 @@ def write_shapes_dataset(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if split_name is not None and (not split_name or Path(split_name).name != split_name):
-        raise ValueError(f"split_name must be a plain folder name such as 'train', got {split_name!r}")
+        raise ValueError("split_name must be a plain folder name such as 'train', "
+                         f"got {split_name!r}")
     root = Path(out_dir) / split_name if split_name else Path(out_dir)
     generator = torch.Generator().manual_seed(seed)
     _check_count(n, generator)
@@ -206,14 +205,15 @@ def write_shapes_dataset(
     size = config.image_size
     index = 0
     for images, targets in _shape_chunks(n, config, generator):
-        for image, target in zip(images, targets):
+        for image, target in zip(images, targets, strict=True):
             name = f"{index:06d}"
-            _save_png(root / "images" / f"{name}.png", image)
-            _atomic_write_text(root / "labels" / f"{name}.txt", _yolo_lines(target, size))
+            save_image(root / "images" / f"{name}.png", image)
+            write_yolo_labels(root / "labels" / f"{name}.txt", target["boxes"], target["labels"],
+                              (size, size))
             index += 1
-    _atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in config.classes))
+    atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in config.classes))
     meta = {"domain": config.domain, "seed": seed, "num_images": n, "config": asdict(config)}
-    _atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(root / "meta.json", meta)
     logger.info("wrote %d %s images to %s", n, config.domain, root)
     return root
 
@@ -234,7 +234,7 @@ def write_image_folder(out_dir: str | os.PathLike[str], images: Tensor) -> Path:
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        _save_png(root / f"{i:06d}.png", image)
+        save_image(root / f"{i:06d}.png", image)
     logger.info("wrote %d images to %s", len(images), root)
     return root
 
@@ -273,7 +273,7 @@ class ShapesDataset(Dataset[tuple[Tensor, Target]]):
     @staticmethod
     def collate(batch: list[tuple[Tensor, Target]]) -> tuple[Tensor, list[Target]]:
         """Stack images to ``[B, 3, S, S]`` and keep targets as a list of ``B`` dicts."""
-        images, targets = zip(*batch)
+        images, targets = zip(*batch, strict=True)
         return torch.stack(images), list(targets)
 
 
@@ -315,10 +315,12 @@ def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     return v[..., None] * (1 - s[..., None] * ramp)
 
 
-def _smooth_noise(n: int, channels: int, cells: int, size: int, g: torch.Generator) -> Tensor:
-    """Gaussian noise on a ``cells x cells`` grid, bicubically upsampled to ``[n, c, size, size]``."""
+def _smooth_noise(
+    n: int, channels: int, cells: int, size: int, g: torch.Generator, *, mode: str = "bicubic"
+) -> Tensor:
+    """Gaussian noise on a ``cells x cells`` grid, upsampled to ``[n, channels, size, size]``."""
     coarse = torch.randn(n, channels, cells, cells, generator=g, device=g.device)
-    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    return F.interpolate(coarse, size=(size, size), mode=mode, align_corners=False)
 
 
 def _pixel_grid(size: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -433,8 +435,10 @@ def _place(
 
 
 def _worst_overlap(cand: Tensor, prev: Tensor, prev_active: Tensor) -> Tensor:
-    """Largest overlap ratio ``[n, K]`` of candidates ``[n, K, 4]`` with earlier boxes ``[n, J, 4]``,
-    scaled so that 1 is the acceptance limit."""
+    """Largest overlap ``[n, K]`` of candidates ``[n, K, 4]`` with earlier boxes ``[n, J, 4]``.
+
+    Scaled so that 1 is the acceptance limit; inactive earlier slots count as no overlap.
+    """
     if prev.shape[1] == 0:
         return cand.new_zeros(cand.shape[:2])
     a, b = cand[:, :, None], prev[:, None]
@@ -488,7 +492,8 @@ def _background(n: int, size: int, plain: bool, g: torch.Generator) -> Tensor:
     angle = _uniform(0, 2 * math.pi, (n, 1, 1, 1), g)
     ramp = ((x - size / 2) * torch.cos(angle) + (y - size / 2) * torch.sin(angle)) / size + 0.5
     low = _uniform(0, 0.12, (n, 1, 1, 1), g) * _smooth_noise(n, 3, 4, size, g)
-    mid = _uniform(0, 0.05, (n, 1, 1, 1), g) * _smooth_noise(n, 1, max(size // 6, 4), size, g)
+    fine = _smooth_noise(n, 1, size // 6, size, g, mode="bilinear")
+    mid = _uniform(0, 0.05, (n, 1, 1, 1), g) * fine
     return (base + (other - base) * ramp + low + mid).clamp(0, 1)
 
 
@@ -517,11 +522,11 @@ def _draw_objects(canvas: Tensor, coverage: Tensor, g: torch.Generator) -> Tenso
     phase = _uniform(0, 2 * math.pi, (n, 1, 1), g)
     stripes = 0.5 + 0.5 * torch.sin(
         2 * math.pi * (x * torch.cos(angle) + y * torch.sin(angle)) / period + phase)
-    blotches = _smooth_noise(n, 1, 6, size, g)[:, 0].sigmoid()
+    blotches = _smooth_noise(n, 1, 6, size, g, mode="bilinear")[:, 0].sigmoid()
     kind = torch.randint(0, 3, (n, 1, 1), generator=g, device=g.device)
     pattern = torch.where(kind == 1, stripes, blotches) * (kind > 0)
     fill = colour[..., None, None] * (1 - depth * pattern)[:, None]
-    return canvas * (1 - weight) + fill * weight
+    return torch.lerp(canvas, fill, weight)
 
 
 # ---------------------------------------------------------------------------- proxy domain
@@ -558,7 +563,7 @@ def _proxy_chunk(n: int, size: int, g: torch.Generator) -> Tensor:
 
 
 def _blend(image: Tensor, colour: Tensor, alpha: Tensor) -> Tensor:
-    return image * (1 - alpha) + colour * alpha
+    return torch.lerp(image, colour.expand_as(image), alpha)
 
 
 def _curve_distance(n: int, size: int, count: int, x: Tensor, y: Tensor,
@@ -597,38 +602,3 @@ def _draw_strokes(image: Tensor, dist: Tensor, g: torch.Generator) -> Tensor:
     for i in range(count):
         image = _blend(image, colours[:, i, :, None, None], alpha[:, i, None])
     return image
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-def _yolo_lines(target: Target, size: int) -> str:
-    boxes = target["boxes"].detach().cpu().double() / size
-    lines = []
-    for label, (x1, y1, x2, y2) in zip(target["labels"].tolist(), boxes.tolist()):
-        lines.append(f"{label} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} "
-                     f"{x2 - x1:.6f} {y2 - y1:.6f}\n")
-    return "".join(lines)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _save_png(path: Path, image: Tensor) -> None:
-    """Write float ``[3, H, W]`` in ``[0, 1]`` as an 8-bit RGB PNG."""
-    pixels = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels.cpu().numpy())).save(buffer, format="PNG")
-    _atomic_write_bytes(path, buffer.getvalue())

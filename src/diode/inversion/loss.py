@@ -90,6 +90,7 @@ class DeepInversionLoss(nn.Module):
         self.num_bn_layers = num_bn_layers
         self.w_tv1, self.w_tv2, self.w_l2 = w_tv1, w_tv2, w_l2
         self._layers = layers
+        self._active: list[tuple[Tensor, Tensor] | None] | None = None
 
     @property
     def bn_layers(self) -> list[nn.Module]:
@@ -112,6 +113,8 @@ class DeepInversionLoss(nn.Module):
         """Register forward hooks recording each BN input's (biased var, mean); always removed.
 
         Yields the list the hooks fill, one ``(var [C], mean [C])`` per layer.
+        While the context is open, :meth:`forward` reuses these hooks instead of
+        registering its own (cheaper in a loop, and stable under ``torch.compile``).
         """
         layers = self.bn_layers
         stats: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
@@ -124,9 +127,11 @@ class DeepInversionLoss(nn.Module):
             return hook
 
         handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
+        previous, self._active = self._active, stats
         try:
             yield stats
         finally:
+            self._active = previous
             for h in handles:
                 h.remove()
 
@@ -152,8 +157,12 @@ class DeepInversionLoss(nn.Module):
             ``(total, parts)``: the scalar loss and detached per-term values
             ``{"task", "bn", "tv_l1", "tv_l2", "l2", "bn_layers"}`` (no host sync).
         """
-        with self.hooks() as stats:
+        if self._active is not None:
+            stats = self._active
             raw = self.teacher.forward(images)
+        else:
+            with self.hooks() as stats:
+                raw = self.teacher.forward(images)
         task = self.teacher.task_loss(raw, targets)
         bn, bn_layers = self.bn_term(stats)
         tv_l1, tv_l2 = tv_losses(images)

@@ -66,19 +66,27 @@ def parse_cfg(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
         where = f"{origin}, line {lineno}"
         if line.startswith("["):
             if not line.endswith("]"):
-                raise ValueError(f"{where}: malformed section header {line!r}, expected e.g. [convolutional]")
+                raise ValueError(
+                    f"{where}: malformed section header {line!r}, expected e.g. [convolutional]"
+                )
             kind = line[1:-1].strip().lower()
             if kind == "network":
                 kind = "net"
             if kind != "net" and kind not in LAYER_TYPES:
-                raise ValueError(f"{where}: unknown section type [{kind}]; supported: [net], "
-                                 + ", ".join(f"[{t}]" for t in sorted(LAYER_TYPES)))
+                raise ValueError(
+                    f"{where}: unknown section type [{kind}]; supported: [net], "
+                    + ", ".join(f"[{t}]" for t in sorted(LAYER_TYPES))
+                )
             if (kind == "net") != (not sections):
-                raise ValueError(f"{where}: a darknet cfg has exactly one [net] section, and it comes first")
+                raise ValueError(
+                    f"{where}: a darknet cfg has exactly one [net] section, and it comes first"
+                )
             sections.append({"type": kind})
             continue
         if not sections:
-            raise ValueError(f"{where}: {line!r} comes before the first section; a cfg starts with [net]")
+            raise ValueError(
+                f"{where}: {line!r} comes before the first section; a cfg starts with [net]"
+            )
         key, sep, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
@@ -95,7 +103,9 @@ def parse_cfg(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
     """Return the cfg text and a short description of where it came from."""
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a cfg name, a path or cfg text, got {type(source).__name__}")
+        raise TypeError(
+            f"source must be a cfg name, a path or cfg text, got {type(source).__name__}"
+        )
     if isinstance(source, str) and "\n" in source:
         return source, "<cfg text>"
     path = Path(source)
@@ -104,8 +114,10 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
     if path.is_file():
         return path.read_text(encoding="utf-8"), str(path)
     if isinstance(source, str) and path.suffix != ".cfg" and len(path.parts) == 1:
-        raise ValueError(f"source {source!r} is neither a file nor a bundled cfg name; "
-                         f"bundled: {', '.join(available_cfgs())}")
+        raise ValueError(
+            f"source {source!r} is neither a file nor a bundled cfg name; "
+            f"bundled: {', '.join(available_cfgs())}"
+        )
     raise FileNotFoundError(f"cfg file not found: {path}")
 
 

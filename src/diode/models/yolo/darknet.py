@@ -41,8 +41,10 @@ def _activation(name: str, where: str) -> nn.Module | None:
         return nn.LeakyReLU(0.1, inplace=True)
     if name in _ACTIVATIONS:
         return _ACTIVATIONS[name]()
-    raise ValueError(f"{where}: unsupported activation {name!r}; supported: leaky, linear, "
-                     + ", ".join(sorted(_ACTIVATIONS)))
+    raise ValueError(
+        f"{where}: unsupported activation {name!r}; supported: leaky, linear, "
+        + ", ".join(sorted(_ACTIVATIONS))
+    )
 
 
 class MaxPoolDarknet(nn.Module):
@@ -122,7 +124,9 @@ class YOLOLayer(nn.Module):
         return x.view(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2)
 
     def extra_repr(self) -> str:
-        return f"anchors={self.anchors.tolist()}, num_classes={self.num_classes}, stride={self.stride}"
+        return (
+            f"anchors={self.anchors.tolist()}, num_classes={self.num_classes}, stride={self.stride}"
+        )
 
 
 class Darknet(nn.Module):
@@ -147,6 +151,7 @@ class Darknet(nn.Module):
         num_classes: number of classes of the ``[yolo]`` heads.
         strides: per head, the total downsampling factor at that head.
         input_size: ``(height, width)`` from ``[net]``.
+        in_channels: input channels from ``[net]`` (3 for the bundled cfgs).
         max_stride: input height and width must be multiples of this.
     """
 
@@ -159,8 +164,9 @@ class Darknet(nn.Module):
         bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         if isinstance(cfg, list):
             defs = copy.deepcopy(cfg)
@@ -174,7 +180,10 @@ class Darknet(nn.Module):
         self.module_defs: list[dict[str, Any]] = defs[1:]
         if num_classes is not None:
             self._override_classes(num_classes)
-        self.input_size = (int(self.net_def.get("height", 416)), int(self.net_def.get("width", 416)))
+        self.input_size = (
+            int(self.net_def.get("height", 416)),
+            int(self.net_def.get("width", 416)),
+        )
         self.in_channels = int(self.net_def.get("channels", 3))
         self._build(bn_eps, bn_momentum)
         heads = self._heads()
@@ -182,8 +191,10 @@ class Darknet(nn.Module):
             raise ValueError(f"cfg {self.cfg_name!r} has no [yolo] layer")
         classes = {h.num_classes for h in heads}
         if len(classes) != 1:
-            raise ValueError(f"cfg {self.cfg_name!r}: [yolo] layers disagree on classes {sorted(classes)}; "
-                             "pass num_classes= to set them all")
+            raise ValueError(
+                f"cfg {self.cfg_name!r}: [yolo] layers disagree on classes {sorted(classes)}; "
+                "pass num_classes= to set them all"
+            )
         self.num_classes: int = classes.pop()
         self.strides: list[int] = [h.stride for h in heads]
 
@@ -194,10 +205,11 @@ class Darknet(nn.Module):
 
     def conv_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
         """Every convolution with its BatchNorm (or ``None``), in cfg order."""
-        out = []
+        out: list[tuple[nn.Conv2d, nn.BatchNorm2d | None]] = []
         for kind, module in zip(self._kinds, self.module_list, strict=True):
             if kind == "convolutional":
-                out.append((module.Conv2d, getattr(module, "BatchNorm2d", None)))
+                children = dict(module.named_children())
+                out.append((children["Conv2d"], children.get("BatchNorm2d")))  # type: ignore[arg-type]
         return out
 
     def bn_layers(self) -> list[nn.BatchNorm2d]:
@@ -216,14 +228,19 @@ class Darknet(nn.Module):
             raw logits (no sigmoid/exp), ``H_i = H / strides[i]``.
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [B, {self.in_channels}, H, W] images, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be [B, {self.in_channels}, H, W] images, got shape {tuple(x.shape)}"
+            )
         if x.shape[2] % self.max_stride or x.shape[3] % self.max_stride:
-            raise ValueError(f"x height and width must be multiples of {self.max_stride}, got "
-                             f"{x.shape[2]}x{x.shape[3]}; resize or pad the images")
+            raise ValueError(
+                f"x height and width must be multiples of {self.max_stride}, got "
+                f"{x.shape[2]}x{x.shape[3]}; resize or pad the images"
+            )
         saved: dict[int, Tensor] = {}
         heads: list[Tensor] = []
-        for i, (kind, sources, module) in enumerate(zip(self._kinds, self._sources, self.module_list,
-                                                        strict=True)):
+        for i, (kind, sources, module) in enumerate(
+            zip(self._kinds, self._sources, self.module_list, strict=True)
+        ):
             if kind == "route":
                 x = module([saved[j] for j in sources])
             elif kind == "shortcut":
@@ -245,8 +262,10 @@ class Darknet(nn.Module):
                 continue
             prev = self.module_defs[i - 1] if i > 0 else None
             if prev is None or prev["type"] != "convolutional":
-                raise ValueError(f"cfg {self.cfg_name!r} layer {i}: num_classes needs a [convolutional] "
-                                 "right before each [yolo]")
+                raise ValueError(
+                    f"cfg {self.cfg_name!r} layer {i}: num_classes needs a [convolutional] "
+                    "right before each [yolo]"
+                )
             d["classes"] = num_classes
             prev["filters"] = len(_yolo_mask(d)) * (5 + num_classes)
 
@@ -262,9 +281,12 @@ class Darknet(nn.Module):
             kind = d["type"]
             where = f"cfg {self.cfg_name!r} layer {i} [{kind}]"
             if i > 0 and kinds[-1] == "yolo" and kind != "route":
-                raise ValueError(f"{where}: a layer after [yolo] must be a [route] (the yolo output is not "
-                                 "a feature map)")
+                raise ValueError(
+                    f"{where}: a layer after [yolo] must be a [route] (the yolo output is not "
+                    "a feature map)"
+                )
             src: tuple[int, ...] = ()
+            module: nn.Module
             if kind == "convolutional":
                 module, c_out, s = _conv_block(d, c_in, bn_eps, bn_momentum, where)
                 stride *= s
@@ -277,8 +299,10 @@ class Darknet(nn.Module):
             elif kind == "upsample":
                 s = int(d.get("stride", 2))
                 if s < 1 or stride % s:
-                    raise ValueError(f"{where}: stride must be a positive divisor of the current "
-                                     f"downsampling {stride}, got {s}")
+                    raise ValueError(
+                        f"{where}: stride must be a positive divisor of the current "
+                        f"downsampling {stride}, got {s}"
+                    )
                 module = nn.Upsample(scale_factor=s, mode="nearest")
                 c_out = c_in
                 stride //= s
@@ -288,8 +312,10 @@ class Darknet(nn.Module):
                     if kinds[j] == "yolo":
                         raise ValueError(f"{where}: cannot route to [yolo] layer {j}")
                 if len({strides[j] for j in src}) != 1:
-                    raise ValueError(f"{where}: routed layers {list(src)} have different spatial sizes "
-                                     f"(downsampling {[strides[j] for j in src]})")
+                    raise ValueError(
+                        f"{where}: routed layers {list(src)} have different spatial sizes "
+                        f"(downsampling {[strides[j] for j in src]})"
+                    )
                 module = Route(list(src))
                 c_out = sum(channels[j] for j in src)
                 stride = strides[src[0]]
@@ -297,9 +323,11 @@ class Darknet(nn.Module):
                 src = (_absolute(int(d.get("from", -3)), i, where),)
                 j = src[0]
                 if kinds[j] == "yolo" or channels[j] != c_in or strides[j] != stride:
-                    raise ValueError(f"{where}: 'from' layer {j} ({channels[j]} channels, downsampling "
-                                     f"{strides[j]}) does not match the previous layer ({c_in} channels, "
-                                     f"downsampling {stride})")
+                    raise ValueError(
+                        f"{where}: 'from' layer {j} ({channels[j]} channels, downsampling "
+                        f"{strides[j]}) does not match the previous layer ({c_in} channels, "
+                        f"downsampling {stride})"
+                    )
                 module = Shortcut(j, _activation(d.get("activation", "linear"), where))
                 c_out = c_in
             else:
@@ -315,7 +343,9 @@ class Darknet(nn.Module):
         self._sources = tuple(sources)
         self._keep = frozenset(j for src in sources for j in src)
         self.max_stride = max(strides, default=1)
-        logger.debug("built %s: %d layers, %d heads", self.cfg_name, len(kinds), kinds.count("yolo"))
+        logger.debug(
+            "built %s: %d layers, %d heads", self.cfg_name, len(kinds), kinds.count("yolo")
+        )
 
 
 def _cfg_name(cfg: str | os.PathLike[str]) -> str:
@@ -328,15 +358,20 @@ def _absolute(j: int, i: int, where: str) -> int:
     """Darknet layer reference: negative is relative to layer ``i``, else absolute."""
     k = i + j if j < 0 else j
     if not 0 <= k < i:
-        raise ValueError(f"{where}: layer reference {j} points to layer {k}, must be an earlier layer (0..{i - 1})")
+        raise ValueError(
+            f"{where}: layer reference {j} points to layer {k}, "
+            f"must be an earlier layer (0..{i - 1})"
+        )
     return k
 
 
 def _int_list(d: dict[str, Any], key: str, where: str) -> list[int]:
     value = d.get(key)
-    values = value if isinstance(value, list) else [value]
+    values: list[Any] = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, int) for v in values):
-        raise ValueError(f"{where}: {key} must be a comma-separated list of integers, got {value!r}")
+        raise ValueError(
+            f"{where}: {key} must be a comma-separated list of integers, got {value!r}"
+        )
     return values
 
 
@@ -358,7 +393,9 @@ def _conv_block(
     stride = int(d.get("stride", 1))
     pad = size // 2 if d.get("pad", 0) else int(d.get("padding", 0))
     if filters < 1 or size < 1 or stride < 1:
-        raise ValueError(f"{where}: filters, size and stride must be positive, got {filters}, {size}, {stride}")
+        raise ValueError(
+            f"{where}: filters, size and stride must be positive, got {filters}, {size}, {stride}"
+        )
     block = nn.Sequential()
     block.add_module("Conv2d", nn.Conv2d(c_in, filters, size, stride, pad, bias=not bn))
     if bn:
@@ -379,8 +416,10 @@ def _yolo_layer(d: dict[str, Any], c_in: int, stride: int, where: str) -> YOLOLa
         raise ValueError(f"{where}: mask {mask} must index the {len(all_anchors)} anchors")
     classes = int(d.get("classes", 20))
     if c_in != len(mask) * (5 + classes):
-        raise ValueError(f"{where}: the previous layer has {c_in} channels but {len(mask)} anchors x "
-                         f"(5 + {classes} classes) = {len(mask) * (5 + classes)} are needed; fix the "
-                         "filters of the conv before [yolo] or pass num_classes=")
+        raise ValueError(
+            f"{where}: the previous layer has {c_in} channels but {len(mask)} anchors x "
+            f"(5 + {classes} classes) = {len(mask) * (5 + classes)} are needed; fix the "
+            "filters of the conv before [yolo] or pass num_classes="
+        )
     anchors = torch.tensor([all_anchors[m] for m in mask], dtype=torch.float32)
     return YOLOLayer(anchors, classes, stride)

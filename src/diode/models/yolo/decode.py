@@ -30,26 +30,35 @@ def _check_heads(
         strides as ints, and the number of classes ``C``.
     """
     if not isinstance(outputs, Sequence) or len(outputs) == 0:
-        raise TypeError("outputs must be a non-empty list of [B, A, H, W, 5 + C] tensors, "
-                        "one per head")
+        raise TypeError(
+            "outputs must be a non-empty list of [B, A, H, W, 5 + C] tensors, one per head"
+        )
     if len(anchors) != len(outputs) or len(strides) != len(outputs):
-        raise ValueError(f"outputs, anchors and strides must have one entry per head, got "
-                         f"{len(outputs)}, {len(anchors)} and {len(strides)}")
+        raise ValueError(
+            f"outputs, anchors and strides must have one entry per head, got "
+            f"{len(outputs)}, {len(anchors)} and {len(strides)}"
+        )
     device = outputs[0].device
     batch, channels = outputs[0].shape[0], outputs[0].shape[-1]
     anchors_out: list[Tensor] = []
     strides_out: list[int] = []
     for i, (p, anc, s) in enumerate(zip(outputs, anchors, strides, strict=True)):
         if not isinstance(p, Tensor) or p.ndim != 5 or p.shape[-1] < 6:
-            raise ValueError(f"outputs[{i}] must be a tensor [B, A, H, W, 5 + C] with C >= 1, "
-                             f"got shape {tuple(getattr(p, 'shape', ()))}")
+            raise ValueError(
+                f"outputs[{i}] must be a tensor [B, A, H, W, 5 + C] with C >= 1, "
+                f"got shape {tuple(getattr(p, 'shape', ()))}"
+            )
         if p.shape[0] != batch or p.shape[-1] != channels:
-            raise ValueError(f"outputs[{i}] has shape {tuple(p.shape)}; every head must share "
-                             f"the batch size {batch} and the last dimension {channels}")
+            raise ValueError(
+                f"outputs[{i}] has shape {tuple(p.shape)}; every head must share "
+                f"the batch size {batch} and the last dimension {channels}"
+            )
         anc = torch.as_tensor(anc, dtype=torch.float32, device=device)
         if anc.shape != (p.shape[1], 2):
-            raise ValueError(f"anchors[{i}] must be [A, 2] (w, h) pixels with A = {p.shape[1]} "
-                             f"as in outputs[{i}], got shape {tuple(anc.shape)}")
+            raise ValueError(
+                f"anchors[{i}] must be [A, 2] (w, h) pixels with A = {p.shape[1]} "
+                f"as in outputs[{i}], got shape {tuple(anc.shape)}"
+            )
         if isinstance(s, bool) or int(s) != s or int(s) <= 0:
             raise ValueError(f"strides[{i}] must be a positive integer, got {s!r}")
         anchors_out.append(anc)
@@ -87,8 +96,11 @@ def decode(
     for p, anc, stride in zip(outputs, anchors_f, strides_i, strict=True):
         p = p.float()
         b, a, h, w, _ = p.shape
-        gy, gx = torch.meshgrid(torch.arange(h, device=p.device, dtype=p.dtype),
-                                torch.arange(w, device=p.device, dtype=p.dtype), indexing="ij")
+        gy, gx = torch.meshgrid(
+            torch.arange(h, device=p.device, dtype=p.dtype),
+            torch.arange(w, device=p.device, dtype=p.dtype),
+            indexing="ij",
+        )
         grid = torch.stack((gx, gy), dim=-1)
         xy = (p[..., :2].sigmoid() + grid) * stride
         wh = p[..., 2:4].exp() * anc.view(1, a, 1, 1, 2)

@@ -125,8 +125,9 @@ class YOLOLoss(nn.Module):
         anchors_f, strides_i, num_classes = _check_heads(outputs, anchors, strides)
         batch = outputs[0].shape[0]
         if len(targets) != batch:
-            raise ValueError(f"targets must have one dict per image: got {len(targets)} for a "
-                             f"batch of {batch}")
+            raise ValueError(
+                f"targets must have one dict per image: got {len(targets)} for a batch of {batch}"
+            )
         if validate:
             size = (outputs[0].shape[2] * strides_i[0], outputs[0].shape[3] * strides_i[0])
             validate_targets(targets, image_size=size, num_classes=num_classes)
@@ -150,8 +151,13 @@ class YOLOLoss(nn.Module):
                 gx = t[:, 0].floor().long().clamp(0, w - 1)
                 gy = t[:, 1].floor().long().clamp(0, h - 1)
                 matched = p[b, a, gy, gx]
-                pbox = torch.cat((matched[:, :2].sigmoid(),
-                                  matched[:, 2:4].exp().clamp(max=1e3) * anchor_grid[a]), dim=1)
+                pbox = torch.cat(
+                    (
+                        matched[:, :2].sigmoid(),
+                        matched[:, 2:4].exp().clamp(max=1e3) * anchor_grid[a],
+                    ),
+                    dim=1,
+                )
                 tbox = torch.cat((t[:, :2] - torch.stack((gx, gy), dim=1), t[:, 2:]), dim=1)
                 giou = giou_cxcywh(pbox, tbox)
                 loss_box = loss_box + (1.0 - giou).mean()

@@ -76,12 +76,16 @@ def _parse_header(head: bytes, name: str) -> tuple[int, int, int, int]:
     major, minor, revision = (int(v) for v in np.frombuffer(head, "<i4", count=3))
     size = _header_size(major, minor)
     if len(head) < size:
-        raise ValueError(f"{name} has {len(head)} bytes, too short for a darknet .weights header ({size})")
+        raise ValueError(
+            f"{name} has {len(head)} bytes, too short for a darknet .weights header ({size})"
+        )
     seen = int(np.frombuffer(head, "<i8" if size == 20 else "<i4", count=1, offset=12)[0])
     return major, minor, revision, seen
 
 
-def load_darknet_weights(model: Darknet, path: str | os.PathLike[str], *, cutoff: int | None = None) -> None:
+def load_darknet_weights(
+    model: Darknet, path: str | os.PathLike[str], *, cutoff: int | None = None
+) -> None:
     """Copy a darknet ``.weights`` file into ``model`` (in place).
 
     Args:
@@ -95,7 +99,9 @@ def load_darknet_weights(model: Darknet, path: str | os.PathLike[str], *, cutoff
             or ``cutoff`` is out of range.
     """
     if cutoff is not None and not 0 <= cutoff <= len(model.module_defs):
-        raise ValueError(f"cutoff must be in [0, {len(model.module_defs)}] (number of layers), got {cutoff}")
+        raise ValueError(
+            f"cutoff must be in [0, {len(model.module_defs)}] (number of layers), got {cutoff}"
+        )
     path = Path(path)
     raw = np.fromfile(path, dtype=np.uint8)
     header = _header_size(*_parse_header(raw[:20].tobytes(), path.name)[:2])
@@ -103,14 +109,16 @@ def load_darknet_weights(model: Darknet, path: str | os.PathLike[str], *, cutoff
     needed = header + 4 * sum(t.numel() for t in tensors)
     if raw.size != needed and (cutoff is None or raw.size < needed):
         what = "exactly " if cutoff is None else "at least "
-        raise ValueError(f"{path.name} has {raw.size:,} bytes but cfg {model.cfg_name!r} with "
-                         f"{model.num_classes} classes needs {what}{needed:,}: wrong cfg or class count?")
+        raise ValueError(
+            f"{path.name} has {raw.size:,} bytes but cfg {model.cfg_name!r} with "
+            f"{model.num_classes} classes needs {what}{needed:,}: wrong cfg or class count?"
+        )
     values = torch.from_numpy(raw[header:needed].view("<f4"))
     offset = 0
     with torch.no_grad():
         for t in tensors:
             n = t.numel()
-            t.copy_(values[offset:offset + n].view_as(t))
+            t.copy_(values[offset : offset + n].view_as(t))
             offset += n
     logger.info("loaded %s into %s (%d tensors)", path, model.cfg_name, len(tensors))
 
@@ -135,13 +143,20 @@ def save_darknet_weights(
         seen: number of training images seen, stored in the header.
     """
     if len(version) != 3 or not all(isinstance(v, int) and 0 <= v < 2**31 for v in version):
-        raise ValueError(f"version must be three non-negative ints (major, minor, revision), got {version!r}")
+        raise ValueError(
+            f"version must be three non-negative ints (major, minor, revision), got {version!r}"
+        )
     size = _header_size(version[0], version[1])
     limit = 2**63 if size == 20 else 2**31
     if not isinstance(seen, int) or not 0 <= seen < limit:
         raise ValueError(f"seen must be an int in [0, {limit}) for version {version}, got {seen!r}")
-    header = np.array(version, "<i4").tobytes() + np.array([seen], "<i8" if size == 20 else "<i4").tobytes()
-    payload = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in _conv_tensors(model, None)])
+    header = (
+        np.array(version, "<i4").tobytes()
+        + np.array([seen], "<i8" if size == 20 else "<i4").tobytes()
+    )
+    payload = torch.cat(
+        [t.detach().reshape(-1).to("cpu", torch.float32) for t in _conv_tensors(model, None)]
+    )
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -155,7 +170,9 @@ def save_darknet_weights(
     logger.info("saved %s weights to %s", model.cfg_name, path)
 
 
-def load_ultralytics_checkpoint(model: Darknet, checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> None:
+def load_ultralytics_checkpoint(
+    model: Darknet, checkpoint: str | os.PathLike[str] | Mapping[str, Any]
+) -> None:
     """Load an Ultralytics-archive YOLOv3 checkpoint into ``model`` (in place).
 
     The archive stores ``{"model": state_dict, "epoch": ..., ...}`` with keys
@@ -186,17 +203,34 @@ def load_ultralytics_checkpoint(model: Darknet, checkpoint: str | os.PathLike[st
     # Older PyTorch versions did not save BatchNorm's num_batches_tracked.
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [(name, keys) for name, keys in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        (name, keys)
+        for name, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if keys
+    ]
     if problems:
-        detail = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:4])}" + (", ..." if len(keys) > 4 else "")
-                           for name, keys in problems)
-        raise ValueError(f"checkpoint does not fit cfg {model.cfg_name!r} with {model.num_classes} classes: "
-                         f"{detail}")
+        detail = "; ".join(
+            f"{name} ({len(keys)}): {', '.join(keys[:4])}" + (", ..." if len(keys) > 4 else "")
+            for name, keys in problems
+        )
+        raise ValueError(
+            f"checkpoint does not fit cfg {model.cfg_name!r} with {model.num_classes} classes: "
+            f"{detail}"
+        )
     model.load_state_dict(dict(state), strict=False)
     for bn in model.bn_layers():
         bn.eps = ULTRALYTICS_BN_EPS
-    logger.info("loaded an Ultralytics checkpoint into %s (BatchNorm eps set to %g)",
-                model.cfg_name, ULTRALYTICS_BN_EPS)
+    logger.info(
+        "loaded an Ultralytics checkpoint into %s (BatchNorm eps set to %g)",
+        model.cfg_name,
+        ULTRALYTICS_BN_EPS,
+    )

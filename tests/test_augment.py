@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diode.inversion import augment as A
+from diode.inversion.augment import (
+    AugmentationPipeline,
+    brightness,
+    contrast,
+    hflip,
+    jitter,
+    random_erase,
+    random_resized_crop,
+)
+
+
+def _square_batch(b: int, h: int, w: int, box: list[float]) -> tuple[torch.Tensor, ...]:
+    """Dark images with a bright, pixel-aligned square filling ``box`` in each image."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    images = torch.zeros(b, 3, h, w)
+    images[:, :, y1:y2, x1:x2] = 1.0
+    boxes = torch.tensor([box], dtype=torch.float32).repeat(b, 1)
+    return images, boxes, torch.arange(b)
+
+
+def _assert_tight(
+    images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, tol: float
+) -> None:
+    """Bright pixels of each image lie in its (valid) box, and the box hugs them."""
+    for i in range(images.shape[0]):
+        ys, xs = torch.nonzero(images[i, 0] > 0.5, as_tuple=True)
+        if not valid[i]:
+            continue
+        assert len(ys) > 0
+        x1, y1, x2, y2 = boxes[i].tolist()
+        # pixel (y, x) covers [x, x+1) x [y, y+1)
+        bx1, by1 = xs.min().item(), ys.min().item()
+        bx2, by2 = xs.max().item() + 1, ys.max().item() + 1
+        assert bx1 >= x1 - tol and by1 >= y1 - tol and bx2 <= x2 + tol and by2 <= y2 + tol
+        assert abs(bx1 - x1) <= tol and abs(by1 - y1) <= tol
+        assert abs(bx2 - x2) <= tol and abs(by2 - y2) <= tol
+
+
+def test_jitter_moves_boxes_with_pixels() -> None:
+    images, boxes, bi = _square_batch(16, 32, 40, [12, 10, 22, 18])
+    g = torch.Generator().manual_seed(0)
+    out, new_boxes, out_bi, valid = jitter(images, boxes, bi, max_shift=8, generator=g)
+    assert valid.all() and torch.equal(out_bi, bi)
+    _assert_tight(out, new_boxes, valid, tol=0.0)
+    shifts = new_boxes[:, :2] - boxes[:, :2]
+    assert len({tuple(s) for s in shifts.tolist()}) > 1  # per-sample shifts
+    assert shifts.abs().max() <= 8
+
+
+def test_jitter_per_batch_uses_one_shift() -> None:
+    images, boxes, bi = _square_batch(6, 32, 32, [12, 10, 22, 18])
+    g = torch.Generator().manual_seed(1)
+    out, new_boxes, _, valid = jitter(images, boxes, bi, max_shift=8, per_sample=False, generator=g)
+    _assert_tight(out, new_boxes, valid, tol=0.0)
+    assert torch.equal(new_boxes, new_boxes[:1].expand_as(new_boxes))
+
+
+def test_jitter_marks_boxes_pushed_out_invalid_and_pipeline_removes_them() -> None:
+    b, h, w = 32, 32, 32
+    images = torch.rand(b, 3, h, w)
+    big = torch.tensor([10.0, 10.0, 20.0, 20.0])
+    edge = torch.tensor([30.5, 10.0, 32.0, 20.0])  # any shift to the right pushes it out
+    boxes = torch.stack([big, edge]).repeat(b, 1)
+    bi = torch.arange(b).repeat_interleave(2)
+    g = torch.Generator().manual_seed(0)
+    _, new_boxes, _, valid = jitter(images, boxes, bi, max_shift=4, generator=g)
+    sx = new_boxes[0::2, 0] - big[0]
+    assert torch.equal(valid[1::2], sx <= 0) and valid[0::2].all()
+    assert (sx > 0).any() and (sx <= 0).any()
+
+    pipe = AugmentationPipeline(jitter=4, flip=0, brightness=0, contrast=0, erase=0)
+    targets = [{"boxes": torch.stack([big, edge]), "labels": torch.tensor([1, 2])}
+               for _ in range(b)]
+    _, out_targets = pipe(images, targets, generator=torch.Generator().manual_seed(0))
+    for t, keep_edge in zip(out_targets, (sx <= 0).tolist(), strict=True):
+        assert t["labels"].tolist() == ([1, 2] if keep_edge else [1])
+
+
+def test_hflip_mirrors_boxes() -> None:
+    images, boxes, bi = _square_batch(16, 24, 40, [3, 5, 11, 20])
+    g = torch.Generator().manual_seed(0)
+    out, new_boxes, _, valid = hflip(images, boxes, bi, p=0.5, generator=g)
+    _assert_tight(out, new_boxes, valid, tol=0.0)
+    flipped = new_boxes[:, 0] != boxes[:, 0]
+    assert flipped.any() and (~flipped).any()
+    mirrored = torch.tensor([[29.0, 5.0, 37.0, 20.0]]).expand(int(flipped.sum()), 4)
+    assert torch.equal(new_boxes[flipped], mirrored)
+    assert torch.equal(out[~flipped], images[~flipped])
+
+
+@pytest.mark.parametrize("scale", [(0.3, 1.0), (1.5, 2.5)])
+def test_random_resized_crop_scales_and_clips_boxes(scale: tuple[float, float]) -> None:
+    images, boxes, bi = _square_batch(24, 48, 48, [14, 16, 34, 30])
+    g = torch.Generator().manual_seed(3)
+    out, new_boxes, _, valid = random_resized_crop(images, boxes, bi, scale=scale, generator=g)
+    assert valid.any()
+    assert (new_boxes[:, 0::2] >= 0).all() and (new_boxes[:, 0::2] <= 48).all()
+    assert (new_boxes[:, 1::2] >= 0).all() and (new_boxes[:, 1::2] <= 48).all()
+    _assert_tight(out, new_boxes, valid, tol=1.0)
+    size = (new_boxes[:, 2:] - new_boxes[:, :2])[valid]
+    if scale[0] > 1:
+        assert (size < torch.tensor([20.0, 14.0])).all()  # zoomed out: boxes shrink
+    else:
+        assert (size > torch.tensor([20.0, 14.0])).any()  # zoomed in
+
+
+def test_random_resized_crop_invalidates_boxes_outside_the_window() -> None:
+    images, boxes, bi = _square_batch(64, 32, 32, [0, 0, 4, 4])
+    g = torch.Generator().manual_seed(0)
+    _, new_boxes, _, valid = random_resized_crop(images, boxes, bi, scale=(0.1, 0.2), generator=g)
+    assert (~valid).any() and valid.any()
+    w = new_boxes[:, 2] - new_boxes[:, 0]
+    h = new_boxes[:, 3] - new_boxes[:, 1]
+    assert (w[valid] >= 1).all() and (h[valid] >= 1).all()
+
+
+def _inputs() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    targets = [{"boxes": torch.tensor([[2.0, 3.0, 12.0, 14.0], [1.0, 1.0, 6.0, 5.0]]),
+                "labels": torch.tensor([0, 5])} for _ in range(4)]
+    return images, targets
+
+
+def test_pipeline_gradcheck_float64() -> None:
+    pipe = AugmentationPipeline(jitter=3, flip=0.5, crop=(0.5, 1.2), erase=1.0)
+    bi = torch.tensor([0])
+    labels = torch.tensor([1])
+    boxes = torch.tensor([[1.0, 1.0, 6.0, 7.0]])
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return pipe.forward_packed(images, bi, labels, boxes, generator=g)[0]
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_seed_determines_output() -> None:
+    pipe = AugmentationPipeline(crop=(0.5, 1.0))
+    images, targets = _inputs()
+
+    def run(seed: int) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        return pipe(images, targets, generator=torch.Generator().manual_seed(seed))
+
+    a, ta = run(0)
+    b, tb = run(0)
+    c, tc = run(1)
+    assert torch.equal(a, b)
+    assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(ta, tb, strict=True))
+    assert not torch.equal(a, c)
+    assert not all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(ta, tc, strict=True))
+
+
+def test_caller_tensors_unmodified() -> None:
+    pipe = AugmentationPipeline(crop=(0.5, 1.0), erase=1.0)
+    images, targets = _inputs()
+    img_copy = images.clone()
+    tgt_copy = [{k: v.clone() for k, v in t.items()} for t in targets]
+    out, out_targets = pipe(images, targets, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, img_copy)
+    for t, c in zip(targets, tgt_copy, strict=True):
+        assert torch.equal(t["boxes"], c["boxes"]) and torch.equal(t["labels"], c["labels"])
+    assert not torch.equal(out, images)
+
+
+def test_brightness_contrast_statistics() -> None:
+    b = 4000
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((b, 3, 2, 2), 0.5)
+    empty = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    out = brightness(flat, *empty, sigma=0.2, generator=g)[0]
+    delta = out - flat
+    assert torch.allclose(delta, delta[:, :1, :1, :1].expand_as(delta))  # one offset per image
+    assert abs(delta.mean().item()) < 0.02 and abs(delta.std().item() - 0.2) < 0.01
+    assert (out > 1).any() and (out < 0).any()  # not clamped, as in the reference
+
+    x = torch.rand(b, 3, 2, 2, generator=g)
+    out = contrast(x, *empty, sigma=0.1, generator=g)[0]
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out.mean(dim=(1, 2, 3), keepdim=True), mean, atol=1e-6)
+    gain = ((out - mean) / (x - mean))[:, 0, 0, 0]
+    assert abs(gain.mean().item() - 1) < 0.01 and abs(gain.std().item() - 0.1) < 0.01
+
+
+def test_random_erase_rectangle_and_gradients() -> None:
+    x = torch.ones(8, 3, 32, 32, requires_grad=True)
+    boxes = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
+    bi = torch.tensor([0])
+    g = torch.Generator().manual_seed(0)
+    out, out_boxes, _, valid = random_erase(x, boxes, bi, p=1.0, scale=(0.1, 0.2), fill="zero",
+                                            generator=g)
+    assert torch.equal(out_boxes, boxes) and valid.all()
+    erased = out[:, 0] == 0
+    frac = erased.float().mean(dim=(1, 2))
+    assert (frac > 0.05).all() and (frac < 0.3).all()
+    for m in erased:  # a filled axis-aligned rectangle
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert area == m.sum()
+    out.sum().backward()
+    assert torch.equal(x.grad[:, 0] == 0, erased)
+
+    kept = random_erase(x, boxes, bi, p=0.0, generator=g)[0]
+    assert torch.equal(kept, x)
+
+
+def test_module_twins_match_functions() -> None:
+    images, boxes, bi = _square_batch(4, 16, 16, [2, 2, 10, 10])
+    pairs = [
+        (A.Jitter(5), jitter, {"max_shift": 5}),
+        (A.HFlip(0.5), hflip, {"p": 0.5}),
+        (A.RandomResizedCrop((0.4, 1.0)), random_resized_crop, {"scale": (0.4, 1.0)}),
+        (A.Brightness(0.3), brightness, {"sigma": 0.3}),
+        (A.Contrast(0.3), contrast, {"sigma": 0.3}),
+        (A.RandomErase(0.7), random_erase, {"p": 0.7}),
+    ]
+    for module, fn, kwargs in pairs:
+        a = module(images, boxes, bi, generator=torch.Generator().manual_seed(0))
+        b = fn(images, boxes, bi, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True)), type(module).__name__
+        assert type(module).__name__ in A.__all__ and fn.__name__ in A.__all__
+
+
+def test_pipeline_ops_switch_off() -> None:
+    pipe = AugmentationPipeline(jitter=0, flip=0, brightness=0, contrast=0, erase=0)
+    images, targets = _inputs()
+    out, out_targets = pipe(images, targets)
+    assert len(pipe.ops) == 0 and torch.equal(out, images)
+    assert [type(op).__name__ for op in AugmentationPipeline().ops] == [
+        "Jitter", "HFlip", "Brightness", "Contrast", "RandomErase"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"flip": 1.5}, "flip"), ({"crop": (0.9, 0.1)}, "crop"), ({"jitter": -1}, "max_shift"),
+     ({"brightness": -0.1}, "brightness"), ({"erase_fill": "blue"}, "fill")],
+)
+def test_pipeline_rejects_bad_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AugmentationPipeline(**kwargs)
+
+
+def test_pipeline_rejects_bad_inputs() -> None:
+    pipe = AugmentationPipeline()
+    images, targets = _inputs()
+    bad = [dict(t) for t in targets]
+    bad[2] = {"boxes": torch.tensor([[5.0, 5.0, 3.0, 9.0]]), "labels": torch.tensor([0])}
+    with pytest.raises(ValueError, match=r"targets\[2\] box 0"):
+        pipe(images, bad)
+    with pytest.raises(ValueError, match="one dict per image"):
+        pipe(images, targets[:3])
+    with pytest.raises(TypeError, match="generator"):
+        pipe(images, targets, generator=0)  # type: ignore[arg-type]
