@@ -20,13 +20,11 @@ from diode.models.yolo import Darknet, bundled_cfg_path, load_darknet_weights
 
 cv2 = pytest.importorskip("cv2")
 
-REAL_WEIGHTS = Path.home() / ".cache" / "diode" / "yolov3-tiny.weights"
 OPENCV_CLASS_THRESH = 0.2
 SIZE = 416
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason=f"{REAL_WEIGHTS} not downloaded"),
     pytest.mark.skipif(
         not hasattr(cv2.dnn, "readNetFromDarknet"),
         reason="OpenCV 5 removed the darknet importer: pip install 'opencv-python-headless<5'",
@@ -35,12 +33,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def dog_image() -> Path:
-    """The darknet sample photo ``dog.jpg`` from ``$DIODE_TEST_IMAGES`` or ``/tmp/assets``."""
-    for folder in (os.environ.get("DIODE_TEST_IMAGES"), "/tmp/assets"):
-        if folder and (Path(folder) / "dog.jpg").is_file():
-            return Path(folder) / "dog.jpg"
-    pytest.skip("dog.jpg not found: set DIODE_TEST_IMAGES to a folder holding it")
+def dog_image(real_images: Path) -> Path:
+    """The darknet sample photo ``dog.jpg``."""
+    return real_images / "dog.jpg"
 
 
 def _decode_like_opencv(raw: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -63,9 +58,9 @@ def _decode_like_opencv(raw: torch.Tensor, anchors: torch.Tensor) -> torch.Tenso
     return rows.permute(1, 2, 0, 3).reshape(h * w * a, -1)
 
 
-def test_matches_opencv_darknet_importer(dog_image: Path):
+def test_matches_opencv_darknet_importer(dog_image: Path, real_weights: Path):
     cfg = str(bundled_cfg_path("yolov3-tiny"))
-    net = cv2.dnn.readNetFromDarknet(cfg, str(REAL_WEIGHTS))
+    net = cv2.dnn.readNetFromDarknet(cfg, str(real_weights))
     blob = cv2.dnn.blobFromImage(
         cv2.imread(str(dog_image)), 1 / 255, (SIZE, SIZE), swapRB=True, crop=False
     )
@@ -73,7 +68,7 @@ def test_matches_opencv_darknet_importer(dog_image: Path):
     theirs = [torch.from_numpy(o).double() for o in net.forward(net.getUnconnectedOutLayersNames())]
 
     model = Darknet("yolov3-tiny")
-    load_darknet_weights(model, REAL_WEIGHTS)
+    load_darknet_weights(model, real_weights)
     with torch.no_grad():
         raw = model.eval()(torch.from_numpy(blob))
     assert len(raw) == len(theirs) == 2

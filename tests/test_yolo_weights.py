@@ -56,7 +56,6 @@ anchors=4,6, 10,12
 classes=2
 """
 FLOATS = 470
-REAL_WEIGHTS = Path.home() / ".cache" / "diode" / "yolov3-tiny.weights"
 
 
 def _random_model(seed: int = 0) -> Darknet:
@@ -226,11 +225,10 @@ def test_ultralytics_checkpoint_key_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason=f"{REAL_WEIGHTS} not downloaded")
-def test_real_yolov3_tiny_weights():
-    assert read_darknet_header(REAL_WEIGHTS)[:3] == (0, 2, 0)
+def test_real_yolov3_tiny_weights(real_weights: Path):
+    assert read_darknet_header(real_weights)[:3] == (0, 2, 0)
     model = Darknet("yolov3-tiny")
-    load_darknet_weights(model, REAL_WEIGHTS)
+    load_darknet_weights(model, real_weights)
     first = model.bn_layers()[0]
     assert torch.all(first.running_var > 0) and first.weight.abs().sum() > 0
     with torch.no_grad():
@@ -239,4 +237,4 @@ def test_real_yolov3_tiny_weights():
     with pytest.raises(
         ValueError, match="has 35,434,956 bytes .* with 20 classes needs exactly 34,880,556"
     ):
-        load_darknet_weights(Darknet("yolov3-tiny", num_classes=20), REAL_WEIGHTS)
+        load_darknet_weights(Darknet("yolov3-tiny", num_classes=20), real_weights)

@@ -40,6 +40,7 @@ _PLACEMENT_CANDIDATES = 16
 _MAX_IOU = 0.3
 _MAX_IOA = 0.4  # at most this fraction of the smaller box may lie under another box
 _COLOUR_CANDIDATES = 8
+_VISIBLE = 0.1  # coverage from which a pixel counts as part of the shape
 _CROSS_ARM = 0.32  # half-thickness of a cross arm, relative to the half-size
 
 
@@ -391,16 +392,17 @@ def _shapes_chunk(n: int, cfg: ShapesConfig, g: torch.Generator) -> tuple[Tensor
 
     canvas = _background(n, size, cfg.background == "plain", g)
     dist = _signed_distance(labels, cx, cy, half_w, half_h, cos, sin, cfg.classes, size)
-    inside = (dist <= 0) & active[..., None, None]
-    active = active & inside.flatten(2).any(-1)
     coverage = (0.5 - dist * torch.sqrt(half_w * half_h)[..., None, None]).clamp(0, 1)
+    # a box spans every visibly painted pixel, antialiased fringe included
+    drawn = (coverage > _VISIBLE) & active[..., None, None]
+    active = active & drawn.flatten(2).any(-1)
     coverage = coverage * active[..., None, None]
     for j in range(slots):
         canvas = _draw_objects(canvas, coverage[:, j], g)
     if cfg.background != "plain":
         sigma = _uniform(0.0, 0.03, (n, 1, 1, 1), g)
         canvas = canvas + sigma * torch.randn(canvas.shape, generator=g, device=g.device)
-    boxes = _mask_boxes(inside)
+    boxes = _mask_boxes(drawn)
     targets = [{"boxes": boxes[i][active[i]], "labels": labels[i][active[i]]} for i in range(n)]
     return canvas.clamp(0, 1), targets
 
@@ -551,7 +553,7 @@ def _proxy_chunk(n: int, size: int, g: torch.Generator) -> Tensor:
     image = _blend(image, torch.rand(n, 3, 1, 1, generator=g, device=g.device),
                    _uniform(0.15, 0.5, (n, 1, 1, 1), g) * texture)
 
-    level = _uniform(0.3, 1.0, (n, 1, 1, 1), g)
+    level = _uniform(-0.2, 0.5, (n, 1, 1, 1), g)  # low levels: large irregular blotches
     present = torch.rand(n, 1, 1, 1, generator=g, device=g.device) < 0.7
     blot = ((_smooth_noise(n, 1, 5, size, g) - level) * 4).clamp(0, 1) * present
     image = _blend(image, torch.rand(n, 3, 1, 1, generator=g, device=g.device), blot)

@@ -1,0 +1,72 @@
+"""Cost of one synthesis iteration against the floor: a bare frozen-teacher forward+backward.
+
+Both are timed in this one process on the same batch (yolov3-tiny COCO, 160 px),
+alternating in rounds so machine noise hits both alike; the median per-iteration
+time of each and their ratio are printed.
+
+    python benchmarks/synthesis_speed.py [--batch-sizes 4 32] [--iters 30] [--rounds 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import diode
+
+
+def bare_forward_backward(teacher: diode.YOLOv3Adapter, x: torch.Tensor, iters: int) -> float:
+    """Seconds per iteration of forward + backward w.r.t. the input only (no weight grads)."""
+    x = x.clone().requires_grad_(True)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = teacher.forward(x)
+        loss = sum(o.float().mean() for o in out)
+        (grad,) = torch.autograd.grad(loss, x)
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def synthesizer_iteration(teacher: diode.YOLOv3Adapter, targets: list, res: int, iters: int,
+                          amp: bool) -> float:
+    synth = diode.Synthesizer(teacher, stages=[diode.Stage(res, iters, lr=0.2)], log_every=iters, amp=amp)
+    result = synth.run(targets, generator=torch.Generator().manual_seed(0))
+    return result.metrics["seconds_per_iteration"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32])
+    parser.add_argument("--resolution", type=int, default=160)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    teacher = diode.YOLOv3Adapter.from_pretrained("yolov3-tiny", device=device)
+    sampler = diode.BBoxSampler.onebox(num_classes=teacher.num_classes)
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"resolution={args.resolution} iters/round={args.iters} rounds={args.rounds}")
+    print(f"{'batch':>5} {'bare fwd+bwd (s/it)':>20} {'synthesizer (s/it)':>20} {'ratio':>7}")
+    for bs in args.batch_sizes:
+        g = torch.Generator().manual_seed(0)
+        targets = sampler.sample(bs, image_size=(args.resolution, args.resolution), generator=g)
+        x = torch.rand(bs, 3, args.resolution, args.resolution, generator=g).to(device)
+        bare_forward_backward(teacher, x, 3)
+        synthesizer_iteration(teacher, targets, args.resolution, 3, args.amp)
+        bare, synth = [], []
+        for _ in range(args.rounds):
+            bare.append(bare_forward_backward(teacher, x, args.iters))
+            synth.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp))
+        b, s = statistics.median(bare), statistics.median(synth)
+        print(f"{bs:>5} {b:>20.4f} {s:>20.4f} {s / b:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

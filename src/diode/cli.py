@@ -1,0 +1,367 @@
+"""The ``diode`` command line: weights, detect, synthesize, distill, evaluate, show."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("diode.cli")
+
+
+# teacher / device helpers ----------------------------------------------------------------------
+
+def _add_teacher_args(p: argparse.ArgumentParser, *, flag: str = "--teacher", required: bool = True) -> None:
+    dest = flag.lstrip("-").replace("-", "_")
+    p.add_argument(flag, dest=dest, metavar="NAME",
+                   help="registered pretrained weights (see `diode weights list`), e.g. yolov3-tiny")
+    p.add_argument("--cfg", help="darknet cfg: bundled name (yolov3, yolov3-tiny, yolov3-spp) or .cfg path")
+    p.add_argument("--weights", help="weights file: darknet .weights or Ultralytics-archive .pt; with "
+                   f"{flag}, a local copy of the registered file")
+    p.add_argument("--names", help="class names file, one per line (default: COCO names for 80 classes)")
+    p.set_defaults(_teacher_flag=flag, _teacher_required=required)
+
+
+def _load_teacher(args: argparse.Namespace, device: Any) -> Any:
+    from diode.adapters.yolo import YOLOv3Adapter
+
+    name = getattr(args, args._teacher_flag.lstrip("-").replace("-", "_"))
+    names = _read_names(args.names) if args.names else None
+    if name:
+        return YOLOv3Adapter.from_pretrained(name, weights=args.weights, device=device)
+    if not (args.cfg and args.weights):
+        raise SystemExit(f"error: give {args._teacher_flag} NAME, or --cfg CFG and --weights FILE")
+    if Path(args.weights).suffix in (".pt", ".pth"):
+        return YOLOv3Adapter.from_ultralytics(args.cfg, args.weights, class_names=names, device=device)
+    return YOLOv3Adapter.from_darknet(args.cfg, args.weights, class_names=names, device=device)
+
+
+def _read_names(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _device(spec: str) -> Any:
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {spec!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _init_distributed(device_spec: str) -> tuple[Any, bool]:
+    """Under torchrun: join the process group; the device becomes cuda:LOCAL_RANK (gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _device(device_spec), False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_spec != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return (torch.device("cuda", local) if use_cuda else torch.device("cpu")), True
+
+
+# subcommands ---------------------------------------------------------------------------------
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from diode import hub
+
+    if args.action == "list":
+        for entry in hub.REGISTRY.values():
+            cached = (hub.cache_dir() / entry.file_name).exists()
+            size = f"{entry.size:,} B" if entry.size else "size not pinned"
+            print(f"{entry.name:12s} cfg={entry.cfg:12s} {size:18s} {'cached' if cached else 'not cached'}  "
+                  f"{entry.description}")
+            print(f"{'':12s} sha256={entry.sha256 or '(pinned on first download)'}")
+        print(f"cache: {hub.cache_dir()}  (set DIODE_HOME to move it)")
+        return 0
+    if not args.name:
+        raise SystemExit("error: `diode weights fetch` needs a NAME (see `diode weights list`)")
+    path = hub.fetch(args.name, path=args.path, force=args.force)
+    print(f"{args.name}: {path} ({path.stat().st_size:,} bytes, sha256 {hub.sha256_file(path)})")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import torch
+
+    from diode.data.io import load_image, save_image
+    from diode.viz import draw_detections
+
+    device = _device(args.device)
+    teacher = _load_teacher(args, device)
+    out = Path(args.out) if args.out else None
+    for image_path in args.images:
+        image = load_image(image_path)
+        det = teacher.detect(image, size=args.size, conf=args.conf, iou=args.iou)
+        det = {k: v.cpu() for k, v in det.items()}
+        print(f"{image_path}: {len(det['scores'])} detections")
+        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            x1, y1, x2, y2 = (round(v, 1) for v in box)
+            print(f"  {teacher.class_names[label]:15s} {score:.3f}  [{x1}, {y1}, {x2}, {y2}]")
+        if out is not None:
+            drawn = draw_detections(image, det, class_names=teacher.class_names)
+            target = out / (Path(image_path).stem + ".png")
+            save_image(target, drawn.to(torch.uint8))
+            print(f"  wrote {target}")
+    return 0
+
+
+def _stages_from_args(args: argparse.Namespace) -> list[Any]:
+    from diode.inversion.synthesizer import Stage
+
+    if not args.stages:
+        return [Stage(args.resolution, args.iterations, lr=args.lr)]
+    return load_stages(args.stages)
+
+
+def load_stages(path: str | os.PathLike[str]) -> list[Any]:
+    """Read a stages TOML file: ``[[stage]]`` tables with Stage fields, plus optional
+    ``[stage.augment]`` (AugmentationPipeline options) and ``[stage.loss]`` (loss weights)."""
+    from diode.inversion.augment import AugmentationPipeline
+    from diode.inversion.synthesizer import Stage
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"error: cannot read stages file {path}: {e}") from e
+    tables = data.get("stage")
+    if not isinstance(tables, list) or not tables:
+        raise SystemExit(f"error: {path} has no [[stage]] tables")
+    stages = []
+    for i, table in enumerate(tables):
+        table = dict(table)
+        augment = table.pop("augment", None)
+        if "betas" in table:
+            table["betas"] = tuple(table["betas"])
+        try:
+            stages.append(Stage(**table, augment=AugmentationPipeline(**augment) if augment is not None else None))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"error: {path}, stage {i + 1}: {e}") from e
+    return stages
+
+
+def _sampler_from_args(spec: str, num_classes: int) -> Any:
+    from diode.inversion.sampler import BBoxSampler
+
+    if spec == "onebox":
+        return BBoxSampler.onebox(num_classes=num_classes)
+    if spec == "tiles" or spec.startswith("tiles:"):
+        k = int(spec.split(":", 1)[1]) if ":" in spec else 4
+        return BBoxSampler.tiles(num_classes=num_classes, k=k)
+    if spec.startswith("labels:"):
+        return BBoxSampler.from_labels(spec.split(":", 1)[1], num_classes=num_classes)
+    raise SystemExit(f"error: --sampler must be onebox, tiles[:K] or labels:PATH, got {spec!r}")
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from diode.inversion.job import synthesize_dataset
+    from diode.inversion.loss import DeepInversionLoss
+    from diode.inversion.sampler import FPSampling
+    from diode.inversion.synthesizer import Synthesizer
+
+    device, distributed = _init_distributed(args.device)
+    teacher = _load_teacher(args, device)
+    stages = _stages_from_args(args)
+    fp = FPSampling(warmup=args.fp_warmup, every=args.fp_every) if args.fp_sampling else None
+    synth = Synthesizer(teacher, loss=DeepInversionLoss(teacher), stages=stages, fp_sampling=fp,
+                        log_every=args.log_every, amp=args.amp, compile=args.compile,
+                        progress=not args.quiet)
+    sampler = _sampler_from_args(args.sampler, teacher.num_classes)
+    try:
+        manifest = synthesize_dataset(synth, sampler, args.out, num_images=args.num_images,
+                                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                                      config={"device": str(device)})
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not manifest:
+        return 0
+    done = [b for b in manifest["batches"].values() if b["status"] == "done"]
+    maps = [b["metrics"]["inversion_map50"] for b in done if b["metrics"].get("inversion_map50") is not None]
+    spi = [b["metrics"]["seconds_per_iteration"] for b in done]
+    images = sum(len(b["images"]) for b in done)
+    print(f"wrote {images} images to {args.out} ({manifest['status']})")
+    if maps:
+        print(f"inversion mAP50: mean {statistics.mean(maps):.3f} (min {min(maps):.3f}, max {max(maps):.3f})")
+    if spi:
+        print(f"seconds per iteration: {statistics.median(spi):.4f} (median over {len(spi)} batches)")
+    print(f"preview: {Path(args.out) / 'preview.png'}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import torch
+
+    from diode.data.folder import DetectionFolder
+    from diode.viz import save_contact_sheet
+
+    data = DetectionFolder(args.data, image_size=(args.size, args.size) if args.size else None)
+    n = min(args.num, len(data))
+    items = [data[i] for i in range(n)]
+    sizes = {tuple(im.shape) for im, _, _ in items}
+    if len(sizes) > 1:
+        raise SystemExit(f"error: images in {args.data} differ in size; pass --size to resize them")
+    names = _read_names(args.names) if args.names else _dataset_names(Path(args.data), data)
+    out = Path(args.out) if args.out else Path(args.data) / "contact_sheet.png"
+    save_contact_sheet(out, torch.stack([im for im, _, _ in items]), [t for _, t, _ in items], class_names=names)
+    print(f"wrote {out} ({n} images)")
+    return 0
+
+
+def _dataset_names(root: Path, data: Any) -> list[str] | None:
+    import json
+
+    if getattr(data, "class_names", None):
+        return list(data.class_names)
+    manifest = root / "manifest.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text()).get("class_names")
+    if (root / "classes.txt").exists():
+        return _read_names(str(root / "classes.txt"))
+    return None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from diode.eval import evaluate
+
+    device = _device(args.device)
+    model = _load_model(args, device)
+    size = (args.size, args.size) if args.size else None
+    result = evaluate(model, args.data, batch_size=args.batch_size, image_size=size, conf=args.conf,
+                      iou=args.iou)
+    names = model.class_names
+    print(f"mAP50 {result['map50']:.4f}  mAP50:95 {result['map']:.4f}  mAP75 {result['map75']:.4f}")
+    for cls, ap in sorted(result["per_class"].items()):
+        print(f"  {names[int(cls)]:15s} AP {ap:.4f}")
+    if args.json:
+        from diode.data.io import atomic_write_json
+
+        atomic_write_json(args.json, json.loads(json.dumps(result, default=float)))
+    return 0
+
+
+def _load_model(args: argparse.Namespace, device: Any) -> Any:
+    """A model for evaluation: a registered name, cfg + weights, or cfg + a diode student checkpoint."""
+    import torch
+
+    from diode.adapters.yolo import YOLOv3Adapter
+
+    if args.weights and Path(args.weights).suffix in (".pt", ".pth") and args.cfg:
+        state = torch.load(args.weights, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "diode_student" in state:
+            names = state.get("class_names")
+            adapter = YOLOv3Adapter.from_config(args.cfg, num_classes=state["num_classes"], class_names=names)
+            adapter.model.load_state_dict(state["diode_student"])
+            return adapter.to(device).freeze()
+    return _load_teacher(args, device)
+
+
+# parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``diode`` command."""
+    from diode import __version__
+
+    parser = argparse.ArgumentParser(prog="diode", description="Data-free knowledge distillation for object "
+                                     "detection: synthesize a dataset from a detector, distill a student.")
+    parser.add_argument("--version", action="version", version=f"diode {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("weights", help="list or fetch pretrained weights")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?", help="registered name (for fetch)")
+    p.add_argument("--path", help="use this local file instead of downloading (verified by sha256)")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("detect", help="run a detector on images, print and draw detections")
+    _add_teacher_args(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", help="folder for annotated images")
+    p.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    p.add_argument("--size", type=int, default=416, help="network input size (default 416)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("synthesize", help="synthesize a labelled dataset from a teacher (DIODE)")
+    _add_teacher_args(p)
+    p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--resolution", type=int, default=160, help="single-stage resolution (default 160)")
+    p.add_argument("--iterations", type=int, default=2500, help="single-stage iterations (default 2500)")
+    p.add_argument("--lr", type=float, default=0.2, help="single-stage learning rate (default 0.2)")
+    p.add_argument("--stages", help="TOML file with [[stage]] tables (overrides the three options above)")
+    p.add_argument("--sampler", default="onebox", help="onebox (default), tiles[:K] or labels:PATH")
+    p.add_argument("--fp-sampling", action="store_true", help="add teacher false positives as targets")
+    p.add_argument("--fp-warmup", type=int, default=800, help="first iteration of FP sampling (default 800)")
+    p.add_argument("--fp-every", type=int, default=100, help="iterations between FP updates (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("evaluate", help="COCO mAP of a model on a labelled folder")
+    _add_teacher_args(p, flag="--model")
+    p.add_argument("--data", required=True, help="folder with images/ and labels/ (YOLO) or annotations.json")
+    p.add_argument("--size", type=int, default=416, help="resize images to SIZE x SIZE (0: keep)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--conf", type=float, default=0.001)
+    p.add_argument("--iou", type=float, default=0.6)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("show", help="contact sheet of a dataset folder with its labels")
+    p.add_argument("data", help="dataset folder (a run folder, images/+labels/, or images)")
+    p.add_argument("--out", help="PNG to write (default DATA/contact_sheet.png)")
+    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--size", type=int, default=0, help="resize images to SIZE x SIZE (0: keep)")
+    p.add_argument("--names", help="class names file")
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``diode`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_yolo
+
+from diode import BBoxSampler, Stage, Synthesizer, synthesize_dataset
+from diode.data.io import load_image
+from diode.data.labels import read_yolo_labels
+from diode.inversion.job import batch_seed
+
+
+def _job(tmp: Path, *, num_images: int = 6, iterations: int = 4, **kw):
+    teacher = make_tiny_yolo()
+    synth = Synthesizer(teacher, stages=[Stage(64, iterations, lr=0.1)], log_every=2)
+    sampler = BBoxSampler.onebox(num_classes=teacher.num_classes)
+    return synthesize_dataset(synth, sampler, tmp, num_images=num_images, batch_size=4, seed=7, **kw), synth
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_writes_a_complete_run_folder(tmp_path: Path) -> None:
+    manifest, _ = _job(tmp_path)
+    assert manifest["status"] == "complete"
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(6)]
+    assert len(list((tmp_path / "labels").iterdir())) == 6
+    assert (tmp_path / "preview.png").exists()
+    coco = json.loads((tmp_path / "annotations.json").read_text())
+    assert len(coco["images"]) == 6 and len(coco["annotations"]) == 6
+    assert [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle"]
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk["config"]["teacher"]["name"] == "tiny" and on_disk["config"]["seed"] == 7
+    batch = on_disk["batches"]["1"]
+    assert batch["status"] == "done" and batch["images"] == ["000004.png", "000005.png"]
+    assert {"inversion_map50", "seconds_per_iteration", "task", "history"} <= set(batch["metrics"])
+    assert not [p for p in _files(tmp_path) if p.endswith(".tmp")]
+
+
+def test_a_batch_depends_only_on_seed_and_index(tmp_path: Path) -> None:
+    _, synth = _job(tmp_path)
+    sampler = BBoxSampler.onebox(num_classes=3)
+    g = torch.Generator().manual_seed(batch_seed(7, 1))
+    result = synth.run(sampler.sample(2, image_size=(64, 64), generator=g), generator=g)
+    written = load_image(tmp_path / "images" / "000004.png")
+    assert (written - result.images[0]).abs().max() <= 0.5 / 255 + 1e-6
+    labels = read_yolo_labels(tmp_path / "labels" / "000004.txt", (64, 64))
+    torch.testing.assert_close(labels["boxes"], result.targets[0]["boxes"], atol=1e-3, rtol=0)
+
+
+def test_rerun_skips_finished_batches_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _job(tmp_path, num_images=4)
+    stamp = (tmp_path / "images" / "000000.png").stat().st_mtime_ns
+    calls = []
+    original = Synthesizer.run
+    monkeypatch.setattr(Synthesizer, "run", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    _job(tmp_path, num_images=4)
+    assert calls == []
+    manifest, _ = _job(tmp_path, num_images=8)
+    assert calls == [1] and manifest["status"] == "complete"
+    assert (tmp_path / "images" / "000000.png").stat().st_mtime_ns == stamp
+
+
+def test_killed_run_leaves_no_partial_files_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diode.data.run as run_module
+
+    written = []
+    real_save = run_module.save_image
+
+    def dying_save(path, image):
+        if len(written) == 5:  # second batch, after its first image: the process "dies"
+            raise KeyboardInterrupt
+        real_save(path, image)
+        written.append(path)
+
+    monkeypatch.setattr(run_module, "save_image", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _job(tmp_path)
+    files = _files(tmp_path)
+    assert not [p for p in files if p.endswith(".tmp")]
+    assert "batches/000001.json" not in files and "batches/000000.json" in files
+    monkeypatch.setattr(run_module, "save_image", real_save)
+    manifest, _ = _job(tmp_path)
+    assert manifest["status"] == "complete" and len(list((tmp_path / "images").iterdir())) == 6
+
+
+def test_stale_temporary_files_are_cleaned(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir(parents=True)
+    stale = tmp_path / "images" / ".000000.png.123.abc.tmp"
+    stale.write_bytes(b"partial")
+    _job(tmp_path, num_images=2)
+    assert not stale.exists()
+
+
+def test_different_config_into_same_folder_is_refused(tmp_path: Path) -> None:
+    _job(tmp_path, num_images=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        _job(tmp_path, num_images=2, iterations=5)
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable"):
+        _job(blocker / "run", num_images=2)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_yolo, onebox_targets
+
+from diode import AugmentationPipeline, FPSampling, Stage, Synthesizer
+from diode.inversion.synthesizer import reference_stages
+
+
+def _synth(teacher, stages=None, **kw) -> Synthesizer:
+    return Synthesizer(teacher, stages=stages or [Stage(64, 30, lr=0.1)], log_every=10, **kw)
+
+
+def test_run_returns_images_targets_metrics_and_history() -> None:
+    teacher = make_tiny_yolo()
+    result = _synth(teacher).run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+    assert result.images.shape == (2, 3, 64, 64)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert not result.images.requires_grad
+    assert len(result.targets) == 2 and all(len(t["boxes"]) == 1 for t in result.targets)
+    for key in ("task", "bn", "tv_l1", "tv_l2", "l2", "seconds_per_iteration", "inversion_map50"):
+        assert key in result.metrics
+    assert result.metrics["iterations"] == 30
+    assert [h["iteration"] for h in result.history] == [10, 20, 30]
+
+
+def test_optimisation_lowers_the_loss() -> None:
+    teacher = make_tiny_yolo()
+    synth = _synth(teacher, stages=[Stage(64, 60, lr=0.05)], augment=AugmentationPipeline(jitter=0, flip=0,
+                   brightness=0, contrast=0, erase=0))
+    result = synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+    assert result.history[-1]["total"] < 0.8 * result.history[0]["total"]
+
+
+def test_coarse_to_fine_upsamples_images_and_scales_targets() -> None:
+    teacher = make_tiny_yolo()
+    targets = onebox_targets(2, size=32)
+    synth = _synth(teacher, stages=[Stage(32, 5, lr=0.1), Stage(64, 5, lr=0.01, loss={"first_bn_weight": 0.0})])
+    result = synth.run(targets, generator=torch.Generator().manual_seed(0))
+    assert result.images.shape[-2:] == (64, 64)
+    for before, after in zip(targets, result.targets):
+        torch.testing.assert_close(after["boxes"], before["boxes"] * 2)
+        assert torch.equal(after["labels"], before["labels"])
+    assert {h["stage"] for h in result.history} == {0, 1}
+
+
+def test_teacher_stays_frozen_and_hooks_are_removed() -> None:
+    teacher = make_tiny_yolo()
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    _synth(teacher).run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+    assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+    after = teacher.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not m._forward_hooks for m in teacher.model.modules())
+
+
+def test_result_depends_only_on_the_generator() -> None:
+    teacher = make_tiny_yolo()
+    synth = _synth(teacher, stages=[Stage(64, 8, lr=0.1)])
+    a = synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(3))
+    b = synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(3))
+    c = synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_non_finite_loss_names_iteration_and_term() -> None:
+    teacher = make_tiny_yolo()
+    teacher.model.bn_layers()[2].running_var.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"iteration 1: term\(s\) .*'bn'"):
+        _synth(teacher).run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+
+
+def test_false_positive_sampling_appends_teacher_detections(monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = make_tiny_yolo()
+    fixed = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "scores": torch.tensor([0.9]),
+             "labels": torch.tensor([2])}
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    monkeypatch.setattr(teacher, "predict", lambda images, conf=0.25, iou=0.45: [fixed, empty][: len(images)])
+    targets = [{"boxes": torch.tensor([[40.0, 40.0, 60.0, 60.0]]), "labels": torch.tensor([0])}] * 2
+    synth = _synth(teacher, stages=[Stage(64, 6, lr=0.1)], fp_sampling=FPSampling(warmup=2, every=100))
+    result = synth.run(targets, generator=torch.Generator().manual_seed(0))
+    assert len(result.targets[0]["boxes"]) == 2 and result.targets[0]["labels"].tolist() == [0, 2]
+    assert len(result.targets[1]["boxes"]) == 1
+
+
+def test_bad_targets_and_options_raise() -> None:
+    teacher = make_tiny_yolo()
+    synth = _synth(teacher)
+    with pytest.raises(ValueError, match="class id 7"):
+        synth.run([{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([7])}])
+    with pytest.raises(ValueError, match="box 0"):
+        synth.run([{"boxes": torch.tensor([[9.0, 1.0, 1.0, 9.0]]), "labels": torch.tensor([0])}])
+    with pytest.raises(ValueError, match="iterations"):
+        Stage(64, 0)
+    with pytest.raises(ValueError, match="min_lr"):
+        Stage(64, 10, lr=0.1, min_lr=0.2)
+    with pytest.raises(ValueError, match="init"):
+        Synthesizer(teacher, init="zeros")
+
+
+def test_reference_stages_follow_the_recipe() -> None:
+    s1, s2 = reference_stages()
+    assert (s1.size, s1.iterations, s1.lr, s1.min_lr, s1.betas) == ((160, 160), 2500, 0.2, 0.0, (0.0, 0.0))
+    assert (s2.size, s2.iterations, s2.lr, s2.min_lr) == ((320, 320), 1500, 0.002, 0.0005)
+    assert s2.loss == {"first_bn_weight": 0.0, "num_bn_layers": 51, "w_task": 1.0}
+    assert s1.lr_at(0) == pytest.approx(0.2) and s1.lr_at(2499) == pytest.approx(0.0, abs=1e-12)
+    assert s2.lr_at(1499) == pytest.approx(0.0005)
