@@ -8,9 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from diode import hub
+from diode import eval, hub, viz
 from diode.adapters.base import DetectorAdapter
 from diode.adapters.yolo import YOLOv3Adapter
+from diode.data.folder import DetectionFolder
+from diode.distill import DistillConfig, Distiller
 from diode.inversion.augment import AugmentationPipeline
 from diode.inversion.job import synthesize_dataset, write_dataset
 from diode.inversion.loss import DeepInversionLoss
@@ -21,15 +23,20 @@ __all__ = [
     "AugmentationPipeline",
     "BBoxSampler",
     "DeepInversionLoss",
+    "DetectionFolder",
     "DetectorAdapter",
+    "DistillConfig",
+    "Distiller",
     "FPSampling",
     "Stage",
     "SynthesisResult",
     "Synthesizer",
     "YOLOv3Adapter",
     "__version__",
+    "eval",
     "hub",
     "reference_stages",
     "synthesize_dataset",
+    "viz",
     "write_dataset",
 ]

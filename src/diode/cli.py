@@ -264,19 +264,68 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace, device: Any) -> Any:
-    """A model for evaluation: a registered name, cfg + weights, or cfg + a diode student checkpoint."""
-    import torch
+    """A model for evaluation: a registered name, cfg + darknet/Ultralytics weights, or cfg + a
+    student ``state_dict`` written by ``diode distill`` (``student.pt``)."""
+    if args.weights and args.cfg and Path(args.weights).suffix in (".pt", ".pth"):
+        import torch
 
-    from diode.adapters.yolo import YOLOv3Adapter
-
-    if args.weights and Path(args.weights).suffix in (".pt", ".pth") and args.cfg:
-        state = torch.load(args.weights, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and "diode_student" in state:
-            names = state.get("class_names")
-            adapter = YOLOv3Adapter.from_config(args.cfg, num_classes=state["num_classes"], class_names=names)
-            adapter.model.load_state_dict(state["diode_student"])
-            return adapter.to(device).freeze()
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" not in state:
+            names = _read_names(args.names) if args.names else None
+            return _student_from_state(args.cfg, state, names).to(device).freeze()
     return _load_teacher(args, device)
+
+
+def _student_from_state(cfg: str, state: dict[str, Any], names: list[str] | None) -> Any:
+    """Build the cfg with the class count the state dict's heads imply, and load it."""
+    from diode.adapters.yolo import YOLOv3Adapter
+    from diode.models.yolo import Darknet
+
+    probe = Darknet(cfg)
+    heads = [i for i, d in enumerate(probe.module_defs) if d["type"] == "yolo"]
+    key = f"module_list.{heads[0] - 1}.Conv2d.weight"
+    if key not in state:
+        raise ValueError(f"weights do not fit cfg {cfg!r}: no {key}")
+    anchors = len(probe.anchors[0])
+    num_classes = state[key].shape[0] // anchors - 5
+    adapter = YOLOv3Adapter.from_config(cfg, num_classes=num_classes, class_names=names)
+    adapter.model.load_state_dict(state)
+    return adapter
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from diode import hub
+    from diode.adapters.yolo import YOLOv3Adapter
+    from diode.distill import Distiller
+    from diode.eval import evaluate
+    from diode.models.yolo import load_darknet_weights, save_darknet_weights
+
+    device = _device(args.device)
+    teacher = _load_teacher(args, device)
+    cfg = hub.get_entry(args.student).cfg if args.student in hub.REGISTRY else args.student
+    student = YOLOv3Adapter.from_config(cfg, num_classes=teacher.num_classes, class_names=teacher.class_names,
+                                        device=device)
+    if args.student_weights:
+        if Path(args.student_weights).suffix in (".pt", ".pth"):
+            import torch
+
+            student.model.load_state_dict(torch.load(args.student_weights, map_location=device, weights_only=True))
+        else:
+            load_darknet_weights(student.model, args.student_weights)
+    size = (args.image_size, args.image_size) if args.eval_data else None
+    eval_fn = (lambda model, epoch: evaluate(model, args.eval_data, image_size=size)) if args.eval_data else None
+    distiller = Distiller(teacher, student, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
+                          image_size=args.image_size, lr=args.lr, seed=args.seed, amp=args.amp)
+    history = distiller.fit(args.data, out=args.out, eval_fn=eval_fn, progress=not args.quiet)
+    final = distiller.student_for_eval()
+    save_darknet_weights(final.model, Path(args.out) / "student.weights")
+    last = history[-1] if history else {}
+    print(f"distilled {cfg} ({args.mode}) for {len(history)} epochs: final loss {last.get('loss', float('nan')):.4f}")
+    if last.get("eval"):
+        print(f"eval on {args.eval_data}: mAP50 {last['eval']['map50']:.4f}  mAP50:95 {last['eval']['map']:.4f}")
+    print(f"student weights: {Path(args.out) / 'student.pt'} (state dict), {Path(args.out) / 'student.weights'} "
+          "(darknet)")
+    return 0
 
 
 # parser ---------------------------------------------------------------------------------------
@@ -328,6 +377,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("distill", help="train a student on images with the teacher as the only supervisor")
+    _add_teacher_args(p)
+    p.add_argument("--student", required=True, help="student cfg: a bundled/registered name or a .cfg path "
+                   "(random init, the teacher's classes)")
+    p.add_argument("--student-weights", help="initialise the student from these weights (.weights or .pt)")
+    p.add_argument("--data", required=True, help="image folder (e.g. a synthesis run folder)")
+    p.add_argument("--out", required=True, help="output folder: last.pt (resumable), student.pt, student.weights")
+    p.add_argument("--mode", choices=["outputs", "pseudo_labels"], default="outputs",
+                   help="outputs: MSE on raw heads (same architecture); pseudo_labels: any student")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=160, help="training resolution (multiple of 32)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-data", help="labelled folder evaluated after every epoch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="COCO mAP of a model on a labelled folder")
     _add_teacher_args(p, flag="--model")
