@@ -84,7 +84,7 @@ class TinyBNAdapter:
     def task_loss(self, raw: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
         loss = raw.sum() * 0
         for i, t in enumerate(targets):
-            for box, label in zip(t["boxes"], t["labels"]):
+            for box, label in zip(t["boxes"], t["labels"], strict=True):
                 x1, y1, x2, y2 = box.long().tolist()
                 loss = loss - raw[i, label, y1:y2, x1:x2].mean()
         return loss

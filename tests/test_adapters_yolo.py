@@ -88,7 +88,7 @@ def test_letterbox_maps_coordinates() -> None:
 def test_real_yolov3_tiny_finds_dog_bicycle_and_car(real_weights: Path, real_images: Path) -> None:
     teacher = YOLOv3Adapter.from_pretrained("yolov3-tiny", weights=real_weights)
     det = teacher.detect(load_image(real_images / "dog.jpg"))
-    found = {teacher.class_names[int(label)]: box for label, box in zip(det["labels"], det["boxes"])}
+    found = {teacher.class_names[int(label)]: box for label, box in zip(det["labels"], det["boxes"], strict=True)}
     assert {"dog", "bicycle"} <= set(found) and ({"car", "truck"} & set(found))
     # Sensible boxes in the 768x576 photo: the dog bottom left, the bicycle centre, the vehicle top right.
     dog, bike = found["dog"], found["bicycle"]
@@ -125,7 +125,7 @@ def test_detections_agree_with_opencv_darknet_reader(photo: str, real_weights: P
     ours = teacher.predict(torch.from_numpy(blob), conf=0.25, iou=0.45)[0]
     ours["boxes"] = ours["boxes"] * torch.tensor([w / 416, h / 416, w / 416, h / 416])
     assert len(ours["boxes"]) > 0
-    for box, score, label in zip(ours["boxes"], ours["scores"], ours["labels"]):
+    for box, score, label in zip(ours["boxes"], ours["scores"], ours["labels"], strict=True):
         same = theirs["labels"] == label
         assert same.any(), f"{photo}: class {int(label)} found by diode only"
         ious = box_iou(box[None], theirs["boxes"][same])[0]

@@ -39,7 +39,7 @@ def test_coarse_to_fine_upsamples_images_and_scales_targets() -> None:
     synth = _synth(teacher, stages=[Stage(32, 5, lr=0.1), Stage(64, 5, lr=0.01, loss={"first_bn_weight": 0.0})])
     result = synth.run(targets, generator=torch.Generator().manual_seed(0))
     assert result.images.shape[-2:] == (64, 64)
-    for before, after in zip(targets, result.targets):
+    for before, after in zip(targets, result.targets, strict=True):
         torch.testing.assert_close(after["boxes"], before["boxes"] * 2)
         assert torch.equal(after["labels"], before["labels"])
     assert {h["stage"] for h in result.history} == {0, 1}

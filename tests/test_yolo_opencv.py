@@ -10,7 +10,6 @@ importer, so this needs ``opencv-python-headless<5``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -96,4 +96,4 @@ def unpack_targets(batch_index: Tensor, labels: Tensor, boxes: Tensor, batch_siz
     counts = torch.bincount(batch_index, minlength=batch_size).tolist()
     b_split = boxes[order].split(counts)
     l_split = labels[order].split(counts)
-    return [{"boxes": b, "labels": lab} for b, lab in zip(b_split, l_split)]
+    return [{"boxes": b, "labels": lab} for b, lab in zip(b_split, l_split, strict=True)]

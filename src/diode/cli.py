@@ -9,7 +9,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 logger = logging.getLogger("diode.cli")
 
@@ -109,7 +109,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         det = teacher.detect(image, size=args.size, conf=args.conf, iou=args.iou)
         det = {k: v.cpu() for k, v in det.items()}
         print(f"{image_path}: {len(det['scores'])} detections")
-        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        rows = zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True)
+        for box, score, label in rows:
             x1, y1, x2, y2 = (round(v, 1) for v in box)
             print(f"  {teacher.class_names[label]:15s} {score:.3f}  [{x1}, {y1}, {x2}, {y2}]")
         if out is not None:
@@ -298,7 +299,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from diode.adapters.yolo import YOLOv3Adapter
     from diode.distill import Distiller
     from diode.eval import evaluate
-    from diode.models.yolo import load_darknet_weights, save_darknet_weights
+    from diode.models.yolo import Darknet, load_darknet_weights, save_darknet_weights
 
     device = _device(args.device)
     teacher = _load_teacher(args, device)
@@ -318,7 +319,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                           image_size=args.image_size, lr=args.lr, seed=args.seed, amp=args.amp)
     history = distiller.fit(args.data, out=args.out, eval_fn=eval_fn, progress=not args.quiet)
     final = distiller.student_for_eval()
-    save_darknet_weights(final.model, Path(args.out) / "student.weights")
+    save_darknet_weights(cast(Darknet, final.model), Path(args.out) / "student.weights")
     last = history[-1] if history else {}
     print(f"distilled {cfg} ({args.mode}) for {len(history)} epochs: final loss {last.get('loss', float('nan')):.4f}")
     if last.get("eval"):

@@ -91,13 +91,13 @@ def _extract_member(archive: Path, member: str, dest: Path) -> None:
         return
     with tarfile.open(archive) as tf:
         try:
-            src = tf.extractfile(member)
+            member_file = tf.extractfile(member)
         except KeyError as e:
             raise OSError(f"{archive.name} has no member {member}") from e
-        if src is None:
+        if member_file is None:
             raise OSError(f"{member} in {archive.name} is not a regular file")
-        with src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, _CHUNK)
+        with member_file, open(dest, "wb") as out:
+            shutil.copyfileobj(member_file, out, _CHUNK)
 
 
 Source = UrlSource | PipSdistSource

@@ -17,9 +17,20 @@ class DetectorAdapter(Protocol):
     (predictions add ``"scores"`` ``[N]``).
     """
 
-    model: nn.Module
-    num_classes: int
-    class_names: list[str]
+    @property
+    def model(self) -> nn.Module:
+        """The underlying ``nn.Module`` (its parameters' device is the adapter's device)."""
+        ...
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; labels are ``0 .. num_classes - 1``."""
+        ...
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per class."""
+        ...
 
     def forward(self, images: Tensor) -> Any:
         """Raw outputs of the detector for ``images`` (differentiable)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -138,8 +138,8 @@ class DeepInversionLoss(nn.Module):
     def bn_term(self, stats: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor]:
         """Weighted BN-statistics loss and the per-layer values ``[L]`` (unweighted)."""
         per_layer = []
-        for (var, mean), layer in zip(_require(stats), self.bn_layers):
-            rm, rv = layer.running_mean, layer.running_var
+        for (var, mean), layer in zip(_require(stats), self.bn_layers, strict=True):
+            rm, rv = cast(Tensor, layer.running_mean), cast(Tensor, layer.running_var)
             per_layer.append(torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv))
         values = torch.stack(per_layer)
         coef = torch.ones_like(values)

@@ -344,9 +344,9 @@ def _raise_if_bad(first_bad: Tensor, bad_parts: Tensor, stage_idx: int) -> None:
     it = int(first_bad)
     if it >= 0:
         values = bad_parts.tolist()
-        bad = [k for k, v in zip(_TERMS, values) if not math.isfinite(v)] or ["total"]
+        bad = [k for k, v in zip(_TERMS, values, strict=True) if not math.isfinite(v)] or ["total"]
         raise FloatingPointError(f"non-finite loss at stage {stage_idx}, iteration {it + 1}: term(s) "
-                                 f"{', '.join(map(repr, bad))} (values {dict(zip(_TERMS, values))}); "
+                                 f"{', '.join(map(repr, bad))} (values {dict(zip(_TERMS, values, strict=True))}); "
                                  "lower the learning rate or check the teacher's BatchNorm statistics")
 
 
