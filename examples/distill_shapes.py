@@ -105,7 +105,8 @@ def main() -> None:
     manifest = diode.synthesize_dataset(synth, sampler, out / "synth", num_images=args.num_images,
                                         batch_size=args.batch_size, seed=args.seed)
     maps = [b["metrics"]["inversion_map50"] for b in manifest["batches"].values()]
-    print(f"synthesized {args.num_images} images into {out / 'synth'}; inversion mAP50 per batch: {maps}")
+    shown = ", ".join("n/a" if m is None else f"{m:.3f}" for m in maps)
+    print(f"synthesized {args.num_images} images into {out / 'synth'}; inversion mAP50 per batch: {shown}")
 
     student = diode.YOLOv3Adapter.from_config(cfg, class_names=names, device=args.device)
     distiller = diode.Distiller(teacher, student, mode="outputs", epochs=args.epochs,

@@ -114,3 +114,26 @@ def test_real_teacher_detects_its_synthesized_labels(real_weights: Path, tmp_pat
     assert main(["evaluate", "--model", "yolov3-tiny", "--weights", str(real_weights), "--data", str(run),
                  "--size", "160", "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["map50"] >= 0.5
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_same_dataset(tmp_path: Path, tiny_teacher: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "diode", "synthesize", *tiny_teacher, "--num-images", "6", "--batch-size", "2", "--resolution",
+            "64", "--iterations", "3", "--device", "cpu", "--quiet", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count: same float reduction order
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    for cmd in ([*args, str(single)], [*torchrun, *args, str(multi)]):
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((multi / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    for sub in ("images", "labels"):
+        names = sorted(p.name for p in (single / sub).iterdir())
+        assert names == sorted(p.name for p in (multi / sub).iterdir()) and len(names) == 6
+        for name in names:
+            assert (single / sub / name).read_bytes() == (multi / sub / name).read_bytes(), name

@@ -107,3 +107,19 @@ def test_reference_stages_follow_the_recipe() -> None:
     assert s2.loss == {"first_bn_weight": 0.0, "num_bn_layers": 51, "w_task": 1.0}
     assert s1.lr_at(0) == pytest.approx(0.2) and s1.lr_at(2499) == pytest.approx(0.0, abs=1e-12)
     assert s2.lr_at(1499) == pytest.approx(0.0005)
+
+
+def test_stage_rejects_unknown_loss_options_up_front() -> None:
+    with pytest.raises(ValueError, match="unknown DeepInversionLoss option.*w_tv"):
+        Stage(64, 10, loss={"w_tv": 1.0})
+
+
+def test_autocast_bf16_and_channels_last_run_on_cpu() -> None:
+    teacher = make_tiny_yolo()
+    synth = _synth(teacher, stages=[Stage(64, 4, lr=0.1)], amp="bf16", channels_last=True)
+    assert synth.amp_dtype == torch.bfloat16
+    result = synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+    assert result.images.dtype == torch.float32 and torch.isfinite(result.images).all()
+    assert all(torch.isfinite(torch.tensor(h["total"])) for h in result.history)
+    with pytest.raises(ValueError, match="amp"):
+        Synthesizer(teacher, amp="fp8")

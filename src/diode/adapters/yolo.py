@@ -93,7 +93,14 @@ class YOLOv3Adapter:
     @classmethod
     def from_config(cls, cfg: PathLike, *, num_classes: int | None = None,
                     class_names: Sequence[str] | None = None, device: Device = None) -> YOLOv3Adapter:
-        """A randomly initialised, trainable model (a student) from a cfg."""
+        """A randomly initialised, trainable model (a student).
+
+        Args:
+            cfg: a bundled cfg name (``"yolov3-tiny"``), a ``.cfg`` path, or cfg text.
+            num_classes: override the cfg's class count (heads resized).
+            class_names: names (their count sets ``num_classes`` when that is not given).
+            device: where to put the model.
+        """
         if num_classes is None and class_names is not None:
             num_classes = len(class_names)
         model = Darknet(cfg, num_classes=num_classes)

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: Config keys that may change between runs into the same folder without
 #: invalidating finished batches (batch i depends only on the seed and i).
-RESUMABLE_KEYS = frozenset({"num_images", "device", "progress"})
+RESUMABLE_KEYS = frozenset({"num_images"})
 
 
 class RunFolder:
@@ -44,13 +44,17 @@ class RunFolder:
         config: the job's full configuration (JSON-serializable); a folder that
             already holds a run with a different config is refused.
         class_names: the teacher's class names, for the COCO file and previews.
+        primary: the process that owns the folder (cleans stale temporary files and
+            writes the manifest); other ranks of a distributed job pass ``False``
+            and only write their batches.
 
     Raises:
         OSError: the folder cannot be created or written.
         ValueError: the folder holds a run with a different configuration.
     """
 
-    def __init__(self, root: PathLike, *, config: dict[str, Any], class_names: Sequence[str]) -> None:
+    def __init__(self, root: PathLike, *, config: dict[str, Any], class_names: Sequence[str],
+                 primary: bool = True) -> None:
         self.root = Path(root)
         self.class_names = list(class_names)
         self.config = json.loads(json.dumps(config))
@@ -61,11 +65,13 @@ class RunFolder:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise OSError(f"output folder {self.root} is not writable: {e}") from e
-        self._remove_stale_temporaries()
+        if primary:
+            self._remove_stale_temporaries()
         manifest = self.root / "manifest.json"
         if manifest.exists():
             self._check_same_config(json.loads(manifest.read_text())["config"])
-        self._write_manifest(status="running")
+        if primary:
+            self._write_manifest(status="running")
 
     def _remove_stale_temporaries(self) -> None:
         for folder in (self.root, self.root / "images", self.root / "labels", self.root / "batches"):

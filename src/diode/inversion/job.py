@@ -75,10 +75,11 @@ def synthesize_dataset(
         **(config or {}),
     }
     rank, world = _rank_and_world()
-    run = RunFolder(out, config=full_config, class_names=teacher.class_names) if rank == 0 else None
-    _barrier(world)
-    if run is None:
+    if rank == 0:
         run = RunFolder(out, config=full_config, class_names=teacher.class_names)
+    _barrier(world)
+    if rank != 0:
+        run = RunFolder(out, config=full_config, class_names=teacher.class_names, primary=False)
     num_batches = -(-num_images // batch_size)
     mine = [i for i in range(num_batches) if i % world == rank]
     todo = [i for i in mine if not run.is_done(i)]

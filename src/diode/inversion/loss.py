@@ -14,6 +14,9 @@ from diode.adapters.base import DetectorAdapter
 
 _BN_TYPES = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d)
 
+#: The weights and options of :class:`DeepInversionLoss` that :meth:`DeepInversionLoss.replace` changes.
+LOSS_OPTIONS = ("w_task", "w_bn", "first_bn_weight", "num_bn_layers", "w_tv1", "w_tv2", "w_l2")
+
 
 def tv_losses(images: Tensor) -> tuple[Tensor, Tensor]:
     """Total-variation priors over 4 directions (horizontal, vertical, both diagonals).
@@ -99,12 +102,8 @@ class DeepInversionLoss(nn.Module):
 
     def replace(self, **changes: Any) -> DeepInversionLoss:
         """A copy with some weights changed (e.g. a stage's ``first_bn_weight=0``); validated."""
-        unknown = set(changes) - {"w_task", "w_bn", "first_bn_weight", "num_bn_layers", "w_tv1", "w_tv2",
-                                  "w_l2"}
-        if unknown:
-            raise ValueError(f"unknown DeepInversionLoss option(s): {', '.join(sorted(unknown))}")
-        kwargs = {k: getattr(self, k) for k in ("w_task", "w_bn", "first_bn_weight", "num_bn_layers",
-                                                 "w_tv1", "w_tv2", "w_l2")}
+        check_loss_options(changes)
+        kwargs = {k: getattr(self, k) for k in LOSS_OPTIONS}
         kwargs.update(changes)
         return DeepInversionLoss(self.teacher, **kwargs)
 
@@ -171,6 +170,14 @@ class DeepInversionLoss(nn.Module):
                  + self.w_l2 * l2)
         parts = {"task": task, "bn": bn, "tv_l1": tv_l1, "tv_l2": tv_l2, "l2": l2, "bn_layers": bn_layers}
         return total, {k: v.detach() for k, v in parts.items()}
+
+
+def check_loss_options(options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming any key of ``options`` that is not in :data:`LOSS_OPTIONS`."""
+    unknown = set(options) - set(LOSS_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown DeepInversionLoss option(s): {', '.join(sorted(unknown))}; "
+                         f"valid: {', '.join(LOSS_OPTIONS)}")
 
 
 def _require(stats: list[tuple[Tensor, Tensor] | None]) -> list[tuple[Tensor, Tensor]]:

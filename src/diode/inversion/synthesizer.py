@@ -16,7 +16,7 @@ from torch import Tensor
 from diode._boxes import Target, pack_targets, unpack_targets, validate_targets
 from diode.adapters.base import DetectorAdapter
 from diode.inversion.augment import AugmentationPipeline
-from diode.inversion.loss import DeepInversionLoss
+from diode.inversion.loss import LOSS_OPTIONS, DeepInversionLoss, check_loss_options
 from diode.inversion.sampler import FPSampling, add_false_positives
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Stage:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"Stage betas must be two values in [0, 1), got {self.betas}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        check_loss_options(self.loss)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -175,8 +176,7 @@ class Synthesizer:
         """JSON-serializable configuration (for manifests and resume checks)."""
         loss = self.loss
         return {
-            "loss": {k: getattr(loss, k) for k in ("w_task", "w_bn", "first_bn_weight", "num_bn_layers", "w_tv1",
-                                                   "w_tv2", "w_l2")},
+            "loss": {k: getattr(loss, k) for k in LOSS_OPTIONS},
             "augment": repr(self.augment),
             "stages": [s.describe() for s in self.stages],
             "fp_sampling": None if self.fp_sampling is None else asdict(self.fp_sampling),
