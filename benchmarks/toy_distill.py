@@ -54,8 +54,9 @@ LABELS = {
     "proxy": "(d) out-of-distribution proxy domain",
     "noise": "(e) uniform noise",
 }
-# Six anchors for 14-50 px shapes on a 96 px canvas: the first three on the stride-16 head.
-ANCHORS = ((12, 12), (17, 17), (23, 23), (30, 30), (38, 38), (48, 48))
+# Six square anchors as fractions of the canvas side, spanning the shapes' boxes (0.15-0.45 of
+# the canvas, up to ~0.55 with aspect and tilt); the first three sit on the stride-16 head.
+ANCHOR_FRACTIONS = (0.125, 0.18, 0.24, 0.31, 0.4, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ class ToyConfig:
         seed: base seed; every phase derives its own from it.
     """
 
-    image_size: int = 96
+    image_size: int = 64
     width: int = 4
     narrow_width: int = 2
     train_images: int = 3000
@@ -129,11 +130,11 @@ SMOKE = ToyConfig(width=2, narrow_width=1, train_images=64, val_images=16, teach
 def yolo_tiny_cfg(width: int, num_classes: int, image_size: int) -> str:
     """Darknet cfg text of yolov3-tiny with every width scaled to ``width / 16`` of the original.
 
-    Two ``[yolo]`` heads (strides 32 and 16) with :data:`ANCHORS`.
+    Two ``[yolo]`` heads (strides 32 and 16) with anchors from :data:`ANCHOR_FRACTIONS`.
     """
     f = [width * 2**k for k in range(7)]
     out = 3 * (5 + num_classes)
-    anchors = ", ".join(f"{w},{h}" for w, h in ANCHORS)
+    anchors = ", ".join(f"{round(a * image_size)},{round(a * image_size)}" for a in ANCHOR_FRACTIONS)
 
     def conv(filters: int, size: int = 3, *, bn: bool = True, act: str = "leaky") -> str:
         norm = "batch_normalize=1\n" if bn else ""
@@ -214,7 +215,7 @@ def train_teacher(model: diode.YOLOv3Adapter, images: Tensor, targets: list[dict
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss)
+            running += float(loss.detach())
             step += 1
         log(f"  teacher epoch {epoch + 1}/{config.teacher_epochs}: loss {running / steps_per_epoch:.3f}")
     model.model.eval()

@@ -44,8 +44,10 @@ def real_images() -> Path:
             return folder
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            subprocess.run(["apt-get", "download", "darknet"], cwd=tmp, check=True, capture_output=True,
-                           timeout=120)
+            download = ["apt-get", "download", "darknet"]
+            if subprocess.run(download, cwd=tmp, capture_output=True, timeout=120).returncode != 0:
+                subprocess.run(["apt-get", "update"], capture_output=True, timeout=300)  # a new machine's lists
+                subprocess.run(download, cwd=tmp, check=True, capture_output=True, timeout=120)
             deb = next(Path(tmp).glob("darknet_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), tmp + "/x"], check=True, capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError, StopIteration) as e:

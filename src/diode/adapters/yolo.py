@@ -76,9 +76,7 @@ class YOLOv3Adapter:
         """A frozen teacher from a darknet cfg (bundled name or path) and ``.weights`` file."""
         model = Darknet(cfg)
         load_darknet_weights(model, weights)
-        source = {"name": Path(weights).name, "cfg": model.cfg_name, "weights": str(weights),
-                  "sha256": hub.sha256_file(weights)}
-        return cls(model, class_names=_names(class_names, model), source=source).to(device).freeze()
+        return cls._loaded(model, weights, class_names, device)
 
     @classmethod
     def from_ultralytics(cls, cfg: PathLike, checkpoint: PathLike, *, class_names: Sequence[str] | None = None,
@@ -86,8 +84,13 @@ class YOLOv3Adapter:
         """A frozen teacher from an Ultralytics-archive ``.pt`` checkpoint (BN eps 1e-4 kept)."""
         model = Darknet(cfg)
         load_ultralytics_checkpoint(model, checkpoint)
-        source = {"name": Path(checkpoint).name, "cfg": model.cfg_name, "weights": str(checkpoint),
-                  "sha256": hub.sha256_file(checkpoint)}
+        return cls._loaded(model, checkpoint, class_names, device)
+
+    @classmethod
+    def _loaded(cls, model: Darknet, weights: PathLike, class_names: Sequence[str] | None,
+                device: Device) -> YOLOv3Adapter:
+        source = {"name": Path(weights).name, "cfg": model.cfg_name, "weights": str(weights),
+                  "sha256": hub.sha256_file(weights)}
         return cls(model, class_names=_names(class_names, model), source=source).to(device).freeze()
 
     @classmethod
