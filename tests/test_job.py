@@ -107,3 +107,23 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(OSError, match="not writable"):
         _job(blocker / "run", num_images=2)
+
+
+def test_sequential_label_layouts_follow_the_batch_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = tmp_path / "layouts"
+    labels.mkdir()
+    for i in range(6):
+        (labels / f"{i}.txt").write_text(f"{i % 3} 0.5 0.5 0.{i + 2} 0.4\n")
+    teacher = make_tiny_yolo()
+    synth = Synthesizer(teacher, stages=[Stage(64, 2, lr=0.1)])
+    seen = []
+    original = Synthesizer.run
+    monkeypatch.setattr(Synthesizer, "run", lambda self, t, **k: seen.append(t) or original(self, t, **k))
+    sampler = BBoxSampler.from_labels(labels, num_classes=3, order="sequential")
+    synthesize_dataset(synth, sampler, tmp_path / "a", num_images=6, batch_size=2, seed=0)
+    widths_all = [float(t["boxes"][0, 2] - t["boxes"][0, 0]) for batch in seen for t in batch]
+    seen.clear()
+    (tmp_path / "a" / "batches" / "000001.json").unlink()
+    synthesize_dataset(synth, BBoxSampler.from_labels(labels, num_classes=3, order="sequential"), tmp_path / "a",
+                       num_images=6, batch_size=2, seed=0)
+    assert [float(t["boxes"][0, 2] - t["boxes"][0, 0]) for t in seen[0]] == widths_all[2:4]

@@ -94,6 +94,9 @@ def synthesize_dataset(
         for i in todo:
             n = min(batch_size, num_images - i * batch_size)
             g = torch.Generator().manual_seed(batch_seed(seed, i))
+            # A sequential label sampler walks the layouts in file order: batch i starts at its own
+            # offset, so the batch does not depend on which batches this process ran before it.
+            sampler.cursor = i * batch_size
             targets = sampler.sample(n, image_size=synthesizer.stages[0].size, generator=g)
             result = synthesizer.run(targets, generator=g)
             run.write_batch(i, result.images, result.targets, first_image=i * batch_size,

@@ -1,0 +1,59 @@
+"""Smoke test of benchmarks/toy_distill.py: the whole pipeline on a tiny configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_distill.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("toy_distill", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["toy_distill"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cfg_builds_two_head_tiny_yolo():
+    toy = _load_script()
+    model = toy.build_model(2, ["a", "b", "c", "d"], 64)
+    assert model.num_classes == 4
+    assert model.model.strides == [32, 16]
+    anchors = [a.tolist() for a in model.model.anchors]
+    assert anchors[0][0] == [20.0, 20.0] and anchors[1][0] == [8.0, 8.0]
+
+
+def test_smoke_run_writes_results(tmp_path):
+    toy = _load_script()
+    threads = torch.get_num_threads()
+    try:
+        results = toy.main(["--out", str(tmp_path), "--smoke", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "proxy", "noise"}
+    assert all(0.0 <= v <= 1.0 for v in on_disk["map50"].values())
+    assert 0.0 <= on_disk["teacher_map50"] <= 1.0
+    assert on_disk["cross_arch"]["mode"] == "pseudo_labels"
+    assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0
+    assert set(on_disk["inversion_map50"]) == {"diode", "diode_fp"}
+    assert on_disk["seconds"]["total"] > 0
+    assert on_disk["config"]["images"] == toy.SMOKE.images
+
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n|") >= 7 and "DIODE" in table
+    with Image.open(tmp_path / "results.png") as plot:
+        assert plot.format == "PNG" and plot.size == (720, 360)
+    for name in toy.SOURCES:
+        assert (tmp_path / "previews" / f"{name}.png").is_file()
+        assert len(list((tmp_path / "data" / name).rglob("*.png"))) >= toy.SMOKE.images
