@@ -1,8 +1,10 @@
 """Cost of one synthesis iteration against the floor: a bare frozen-teacher forward+backward.
 
-Both are timed in this one process on the same batch (yolov3-tiny COCO, 160 px),
-alternating in rounds so machine noise hits both alike; the median per-iteration
-time of each and their ratio are printed.
+All are timed in this one process on the same batch (yolov3-tiny COCO, 160 px),
+alternating in rounds so machine noise hits them alike; the median per-iteration
+time of each and the ratios are printed. The floor is measured twice: with the
+default (contiguous) memory format, the plain way to run the teacher, and with
+channels-last, the format the synthesizer runs the teacher in.
 
     python benchmarks/synthesis_speed.py [--batch-sizes 4 32] [--iters 30] [--rounds 5] [--device cpu]
 """
@@ -18,9 +20,11 @@ import torch
 import diode
 
 
-def bare_forward_backward(teacher: diode.YOLOv3Adapter, x: torch.Tensor, iters: int) -> float:
+def bare_forward_backward(teacher: diode.YOLOv3Adapter, x: torch.Tensor, iters: int,
+                          memory_format: torch.memory_format) -> float:
     """Seconds per iteration of forward + backward w.r.t. the input only (no weight grads)."""
-    x = x.clone().requires_grad_(True)
+    teacher.model.to(memory_format=memory_format)
+    x = x.clone().contiguous(memory_format=memory_format).requires_grad_(True)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -53,19 +57,23 @@ def main() -> None:
     sampler = diode.BBoxSampler.onebox(num_classes=teacher.num_classes)
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"resolution={args.resolution} iters/round={args.iters} rounds={args.rounds}")
-    print(f"{'batch':>5} {'bare fwd+bwd (s/it)':>20} {'synthesizer (s/it)':>20} {'ratio':>7}")
+    print(f"{'batch':>5} {'bare, contiguous':>17} {'bare, channels_last':>20} {'synthesizer':>12} "
+          f"{'ratio/contig':>13} {'ratio/cl':>9}   (seconds per iteration)")
     for bs in args.batch_sizes:
         g = torch.Generator().manual_seed(0)
         targets = sampler.sample(bs, image_size=(args.resolution, args.resolution), generator=g)
         x = torch.rand(bs, 3, args.resolution, args.resolution, generator=g).to(device)
-        bare_forward_backward(teacher, x, 3)
+        contiguous, channels_last = torch.contiguous_format, torch.channels_last
+        bare_forward_backward(teacher, x, 3, contiguous)
+        bare_forward_backward(teacher, x, 3, channels_last)
         synthesizer_iteration(teacher, targets, args.resolution, 3, args.amp)
-        bare, synth = [], []
+        bare, bare_cl, synth = [], [], []
         for _ in range(args.rounds):
-            bare.append(bare_forward_backward(teacher, x, args.iters))
+            bare.append(bare_forward_backward(teacher, x, args.iters, contiguous))
+            bare_cl.append(bare_forward_backward(teacher, x, args.iters, channels_last))
             synth.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp))
-        b, s = statistics.median(bare), statistics.median(synth)
-        print(f"{bs:>5} {b:>20.4f} {s:>20.4f} {s / b:>7.3f}")
+        b, bc, s = statistics.median(bare), statistics.median(bare_cl), statistics.median(synth)
+        print(f"{bs:>5} {b:>17.4f} {bc:>20.4f} {s:>12.4f} {s / b:>13.3f} {s / bc:>9.3f}", flush=True)
 
 
 if __name__ == "__main__":

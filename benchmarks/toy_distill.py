@@ -107,7 +107,7 @@ class ToyConfig:
     w_task: float = 0.5
     fp_warmup: int = 75
     fp_every: int = 25
-    distill_epochs: int = 60
+    distill_epochs: int = 150
     distill_batch: int = 32
     distill_lr: float = 3e-3
     seed: int = 0
@@ -354,16 +354,19 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {results['teacher_map50']:.3f} | |")
     for name in SOURCES:
         value = results["map50"][name]
-        ratio = f"{value / real:.2f}" if real > 0 else "n/a"
-        rows.append(f"| {LABELS[name]} | {value:.3f} | {ratio} |")
-    cross = results["cross_arch"]
-    rows.append(f"| narrower student (width {cross['width']}), pseudo_labels, DIODE images "
-                f"| {cross['map50']:.3f} | {cross['map50'] / real:.2f} |" if real > 0 else "")
+        rows.append(f"| {LABELS[name]} | {value:.3f} | {_ratio(value, real)} |")
+    cross = results["cross_arch"]["map50"]
+    rows.append(f"| narrower student (width {results['cross_arch']['width']}), pseudo_labels, DIODE images "
+                f"| {cross:.3f} | {_ratio(cross, real)} |")
     inv = results["inversion_map50"]
     notes = (f"\nInversion mAP50 (teacher on its synthesized images): DIODE {_fmt(inv['diode'])}, "
              f"DIODE + FP sampling {_fmt(inv['diode_fp'])}. "
-             f"Total runtime {results['seconds']['total'] / 60:.1f} min on {results['threads']} threads.\n")
+             f"Total runtime {results['seconds']['total'] / 60:.1f} min with {results['threads']} torch thread(s).\n")
     return "\n".join(rows) + "\n" + notes
+
+
+def _ratio(value: float, real: float) -> str:
+    return f"{value / real:.2f}" if real > 0 else "n/a"
 
 
 def _fmt(value: float | None) -> str:

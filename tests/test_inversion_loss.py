@@ -114,3 +114,17 @@ def test_replace_changes_weights_and_validates() -> None:
         loss.replace(w_bogus=1.0)
     with pytest.raises(ValueError, match="w_bn"):
         DeepInversionLoss(TinyBNAdapter(), w_bn=-1.0)
+
+
+def test_channel_stats_match_var_mean_and_gradcheck() -> None:
+    from diode.inversion.loss import channel_stats
+
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64) * 3 + 2
+    var, mean = channel_stats(x)
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    var16, mean16 = channel_stats(x.to(torch.bfloat16))
+    assert var16.dtype == mean16.dtype == torch.float32
+    x64 = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(channel_stats, (x64,))

@@ -18,6 +18,54 @@ _BN_TYPES = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d)
 LOSS_OPTIONS = ("w_task", "w_bn", "first_bn_weight", "num_bn_layers", "w_tv1", "w_tv2", "w_l2")
 
 
+class _ChannelStats(torch.autograd.Function):
+    """Per-channel biased variance and mean over every dimension but 1, in float32 or wider.
+
+    ``torch.var_mean`` over ``(N, H, W)`` is a slow Welford reduction on CPU with a
+    multi-pass backward. This runs on every BN layer's input in every iteration, so
+    it is written to allocate nothing activation-sized in the forward (two fused
+    reductions: the mean and the L2 norm, ``var = E[x^2] - mean^2``) and exactly one
+    tensor, the gradient, in the backward (``dx = (g_mean + 2 g_var (x - mean)) / n``
+    as a single ``addcmul``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        dims = [d for d in range(x.ndim) if d != 1]
+        n = x.numel() // x.shape[1]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mean = x.mean(dims, dtype=dtype)
+        mean_sq = torch.linalg.vector_norm(x, 2, dim=dims, dtype=dtype).square() / n
+        var = (mean_sq - mean.square()).clamp_min(0)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx: Any, grad_var: Tensor, grad_mean: Tensor) -> Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        shape = [1] * x.ndim
+        shape[1] = -1
+        n = x.numel() // x.shape[1]
+        scale = grad_var * (2.0 / n)
+        offset = grad_mean / n - scale * mean
+        return torch.addcmul(offset.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean per channel (dim 1) over all other dims, differentiable.
+
+    Computed in float32 (float64 stays float64), whatever the input dtype, so
+    bf16/fp16 activations under autocast give accurate statistics.
+
+    Args:
+        x: ``[N, C, ...]`` activations (any float dtype).
+
+    Returns:
+        ``(var [C], mean [C])``, the statistics BatchNorm normalizes with in training mode.
+    """
+    return _ChannelStats.apply(x)  # type: ignore[no-any-return]
+
+
 def tv_losses(images: Tensor) -> tuple[Tensor, Tensor]:
     """Total-variation priors over 4 directions (horizontal, vertical, both diagonals).
 
@@ -120,9 +168,7 @@ class DeepInversionLoss(nn.Module):
 
         def make_hook(i: int):  # noqa: ANN202
             def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-                x = inputs[0]
-                dims = [d for d in range(x.ndim) if d != 1]
-                stats[i] = torch.var_mean(x.float(), dim=dims, correction=0)
+                stats[i] = channel_stats(inputs[0])
             return hook
 
         handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(layers)]
@@ -166,8 +212,9 @@ class DeepInversionLoss(nn.Module):
         bn, bn_layers = self.bn_term(stats)
         tv_l1, tv_l2 = tv_losses(images)
         l2 = torch.linalg.vector_norm(images.flatten(1), dim=1).mean()
-        total = (self.w_task * task + self.w_bn * bn + self.w_tv1 * tv_l1 + self.w_tv2 * tv_l2
-                 + self.w_l2 * l2)
+        weighted = ((self.w_task, task), (self.w_bn, bn), (self.w_tv1, tv_l1), (self.w_tv2, tv_l2), (self.w_l2, l2))
+        # Zero-weight terms stay out of the graph, so the backward never visits them.
+        total = sum((w * term for w, term in weighted if w > 0), torch.zeros((), device=images.device))
         parts = {"task": task, "bn": bn, "tv_l1": tv_l1, "tv_l2": tv_l2, "l2": l2, "bn_layers": bn_layers}
         return total, {k: v.detach() for k, v in parts.items()}
 

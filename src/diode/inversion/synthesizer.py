@@ -121,7 +121,8 @@ class Synthesizer:
         log_every: iterations between logging points (the only host syncs).
         amp: mixed precision on CUDA: ``False``, ``True`` (bf16 where supported,
             else fp16), ``"bf16"`` or ``"fp16"``.
-        channels_last: use channels-last memory format (default: on CUDA only).
+        channels_last: run the teacher and the images in channels-last memory format
+            (default on: faster convolutions on CUDA and with oneDNN on CPU).
         compile: ``torch.compile`` the teacher's model in place (first call is slow).
         init: ``"rand"`` (uniform noise) or ``"randn"`` (clamped Gaussian, the reference).
         eval_conf: confidence threshold of the inversion-mAP detections.
@@ -162,7 +163,7 @@ class Synthesizer:
         self.log_every = log_every
         self.device = _device_of(teacher)
         self.amp_dtype = _amp_dtype(amp, self.device)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
         self.init = init
         self.eval_conf, self.eval_iou = eval_conf, eval_iou
         self.progress = progress
@@ -289,6 +290,7 @@ class Synthesizer:
                 x_aug, a_idx, a_labels, a_boxes, valid = augment.forward_packed(x, idx, labels, boxes,
                                                                                 generator=gen)
                 aug_targets = unpack_targets(a_idx[valid], a_labels[valid], a_boxes[valid], batch)
+                x_aug = x_aug.contiguous(memory_format=memory)
                 with autocast:
                     total, parts = loss(x_aug, aug_targets)
                 opt.zero_grad(set_to_none=True)
