@@ -28,6 +28,6 @@ autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 autodoc_class_signature = "separated"
 
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "toy_distill_results.rst"]
 html_theme = "alabaster"
 html_title = f"diode {release}"
