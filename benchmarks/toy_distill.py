@@ -97,9 +97,9 @@ class ToyConfig:
     teacher_epochs: int = 15
     teacher_batch: int = 32
     teacher_lr: float = 4e-3
-    images: int = 128
+    images: int = 512
     synth_batch: int = 64
-    synth_iters: int = 150
+    synth_iters: int = 200
     synth_lr: float = 0.1
     jitter: int = 10
     w_bn: float = 0.1
@@ -107,7 +107,7 @@ class ToyConfig:
     w_task: float = 0.5
     fp_warmup: int = 75
     fp_every: int = 25
-    distill_epochs: int = 150
+    distill_epochs: int = 40
     distill_batch: int = 32
     distill_lr: float = 3e-3
     seed: int = 0
