@@ -97,3 +97,17 @@ def unpack_targets(batch_index: Tensor, labels: Tensor, boxes: Tensor, batch_siz
     b_split = boxes[order].split(counts)
     l_split = labels[order].split(counts)
     return [{"boxes": b, "labels": lab} for b, lab in zip(b_split, l_split, strict=True)]
+
+
+def detections_as_targets(detections: Sequence[dict[str, Tensor]]) -> list[Target]:
+    """Detections (boxes, scores, labels) as targets, dropping non-finite or degenerate boxes.
+
+    Used where a teacher's detections become ground truth (pseudo labels, agreement);
+    clipping can leave zero-width boxes, which no target may have.
+    """
+    targets = []
+    for d in detections:
+        boxes = d["boxes"].float()
+        keep = torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        targets.append({"boxes": boxes[keep], "labels": d["labels"][keep].long()})
+    return targets

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from diode._boxes import Target
+from diode._boxes import Target, detections_as_targets
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike, atomic_write_bytes
@@ -379,14 +379,7 @@ class Distiller:
 
     def _pseudo_labels(self, images: Tensor) -> list[Target]:
         """Teacher detections as targets; degenerate boxes (possible after clipping) dropped."""
-        predictions = self.teacher.predict(images, conf=self.config.conf, iou=self.config.iou)
-        targets = []
-        for p in predictions:
-            boxes = p["boxes"].float()
-            keep = torch.isfinite(boxes).all(dim=1)
-            keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            targets.append({"boxes": boxes[keep], "labels": p["labels"][keep].long()})
-        return targets
+        return detections_as_targets(self.teacher.predict(images, conf=self.config.conf, iou=self.config.iou))
 
     def _augmented(self, images: Tensor, epoch: int, step: int) -> Tensor:
         """Flip, crop-zoom and colour-jitter ``images``, seeded by (seed, epoch, step)."""

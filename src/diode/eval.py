@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diode._boxes import Target
+from diode._boxes import Target, detections_as_targets
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike
@@ -350,12 +350,7 @@ def agreement(
             student_preds += _predict(
                 student, batch, conf=student_conf, iou=student_iou, device=None
             )
-    teacher_targets = []
-    for p in teacher_preds:
-        # Degenerate teacher boxes cannot be ground truth; drop them rather than fail.
-        b = p["boxes"]
-        keep = torch.isfinite(b).all(dim=1) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-        teacher_targets.append({"boxes": b[keep], "labels": p["labels"][keep]})
+    teacher_targets = detections_as_targets(teacher_preds)
     return detection_map(
         student_preds, teacher_targets, num_classes=teacher.num_classes, backend=backend
     )
