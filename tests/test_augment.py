@@ -257,3 +257,41 @@ def test_pipeline_rejects_bad_inputs() -> None:
         pipe(images, targets[:3])
     with pytest.raises(TypeError, match="generator"):
         pipe(images, targets, generator=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pipeline_fused_ops_match_the_ops_applied_one_by_one(channels_last: bool) -> None:
+    pipe = AugmentationPipeline(jitter=5, flip=0.5, brightness=0.2, contrast=0.1, erase=0.5)
+    g0 = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 16, 20, generator=g0)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    boxes = torch.tensor([[1.0, 2.0, 9.0, 12.0], [4.0, 0.0, 19.0, 5.0]]).repeat(3, 1)
+    bi = torch.arange(6)
+    labels = torch.zeros(6, dtype=torch.long)
+    x = images.clone().requires_grad_(True)
+    fused, f_bi, _, f_boxes, f_valid = pipe.forward_packed(x, bi, labels, boxes,
+                                                           generator=torch.Generator().manual_seed(7))
+    y = images.clone().requires_grad_(True)
+    out, seq_boxes, seq_bi, seq_valid = y, boxes, bi, torch.ones(6, dtype=torch.bool)
+    g = torch.Generator().manual_seed(7)
+    for op in pipe.ops:  # the module twins, one at a time
+        out, seq_boxes, seq_bi, seq_valid = op(out, seq_boxes, seq_bi, seq_valid, generator=g)
+    torch.testing.assert_close(fused, out)
+    torch.testing.assert_close(f_boxes, seq_boxes)
+    assert torch.equal(f_valid, seq_valid) and torch.equal(f_bi, seq_bi)
+    weights = torch.rand(fused.shape, generator=g0)
+    (gf,) = torch.autograd.grad((fused * weights).sum(), x)
+    (gs,) = torch.autograd.grad((out * weights).sum(), y)
+    torch.testing.assert_close(gf, gs)
+    if channels_last:
+        assert fused.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_jitter_keeps_channels_last_and_matches_contiguous() -> None:
+    images = torch.rand(2, 3, 9, 7)
+    boxes, bi = torch.tensor([[1.0, 1.0, 5.0, 6.0]]).repeat(2, 1), torch.arange(2)
+    a = jitter(images, boxes, bi, max_shift=3, generator=torch.Generator().manual_seed(1))[0]
+    b = jitter(images.contiguous(memory_format=torch.channels_last), boxes, bi, max_shift=3,
+               generator=torch.Generator().manual_seed(1))[0]
+    assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)

@@ -78,8 +78,33 @@ def test_tv_losses_zero_on_constant_and_match_definition() -> None:
 
 
 def test_tv_gradcheck() -> None:
-    x = torch.rand(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: tv_losses(t)[1], (x,))
+    assert torch.autograd.gradcheck(lambda t: tv_losses(t)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: 3 * tv_losses(t)[0] + 0.5 * tv_losses(t)[1], (x,))
+
+
+def _tv_reference(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    diffs = (images[..., :, :-1] - images[..., :, 1:], images[..., :-1, :] - images[..., 1:, :],
+             images[..., 1:, :-1] - images[..., :-1, 1:], images[..., :-1, :-1] - images[..., 1:, 1:])
+    return sum(d.abs().mean() for d in diffs), sum(torch.linalg.vector_norm(d) for d in diffs)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tv_values_and_gradients_match_autograd_reference(channels_last: bool) -> None:
+    x = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for w1, w2 in ((1.0, 0.0), (0.0, 2.0), (75.0, 0.5)):
+        a = x.clone().requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        l1, l2 = tv_losses(a)
+        r1, r2 = _tv_reference(b)
+        torch.testing.assert_close((l1, l2), (r1, r2))
+        terms = [w * t for w, t in ((w1, l1), (w2, l2)) if w > 0]
+        (ga,) = torch.autograd.grad(sum(terms), a)
+        (gb,) = torch.autograd.grad(w1 * r1 + w2 * r2, b)
+        torch.testing.assert_close(ga, gb)
 
 
 def test_hooks_are_removed_even_when_forward_raises() -> None:
@@ -87,9 +112,9 @@ def test_hooks_are_removed_even_when_forward_raises() -> None:
     loss = DeepInversionLoss(adapter)
     with pytest.raises(RuntimeError, match="boom"), loss.hooks():
         raise RuntimeError("boom")
-    assert all(not m._forward_hooks for m in adapter.model.modules())
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in adapter.model.modules())
     loss(torch.rand(1, 3, 8, 8), _targets(1))
-    assert all(not m._forward_hooks for m in adapter.model.modules())
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in adapter.model.modules())
 
 
 def test_model_without_batchnorm_is_rejected() -> None:
@@ -128,3 +153,62 @@ def test_channel_stats_match_var_mean_and_gradcheck() -> None:
     assert var16.dtype == mean16.dtype == torch.float32
     x64 = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(channel_stats, (x64,))
+
+
+def _loss_and_grad(loss: DeepInversionLoss, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import diode.inversion.loss as loss_module
+
+    original = loss_module._fusable
+    if not fused:
+        loss_module._fusable = lambda layer: False
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        with loss.hooks():
+            total, _ = loss(x, _targets(len(x)))
+        (grad,) = torch.autograd.grad(total, x)
+    finally:
+        loss_module._fusable = original
+    return total.detach(), grad
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm])
+def test_fused_batchnorm_forward_matches_hooked_batchnorm(norm: type[nn.Module]) -> None:
+    adapter = TinyBNAdapter(norm=norm)
+    g = torch.Generator().manual_seed(3)
+    loss = DeepInversionLoss(adapter, w_tv1=0.0)
+    x = torch.rand(3, 3, 12, 12, generator=g)
+    fused_total, fused_grad = _loss_and_grad(loss, x, fused=True)
+    plain_total, plain_grad = _loss_and_grad(loss, x, fused=False)
+    torch.testing.assert_close(fused_total, plain_total)
+    torch.testing.assert_close(fused_grad, plain_grad)
+
+
+def test_fused_batchnorm_gradcheck() -> None:
+    from diode.inversion.loss import _AffineWithStats
+
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: _AffineWithStats.apply(t, scale, shift), (x,))
+
+
+def test_batchnorm_in_training_mode_or_with_own_forward_is_hooked_not_fused() -> None:
+    class CustomBN(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    adapter = TinyBNAdapter()
+    adapter.model[4] = CustomBN(8).eval()
+    adapter.model[1].train()  # normalizes with batch statistics: the fused eval form would be wrong
+    loss = DeepInversionLoss(adapter)
+    x = torch.rand(2, 3, 8, 8)
+    expected = adapter.forward(x)
+    with loss.hooks() as stats:
+        assert adapter.model[4]._forward_hooks and "forward" not in adapter.model[4].__dict__
+        assert "forward" in adapter.model[1].__dict__
+        out = adapter.forward(x)
+    torch.testing.assert_close(out, expected)
+    var, mean = torch.var_mean(adapter.model[0](x), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(stats[0][0], var)
+    torch.testing.assert_close(stats[0][1], mean)
+    assert stats[1] is not None
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in adapter.model.modules())

@@ -41,17 +41,18 @@ def test_smoke_run_writes_results(tmp_path):
 
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "proxy", "noise"}
+    assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "diode_tiles", "proxy", "noise"}
     assert all(0.0 <= v <= 1.0 for v in on_disk["map50"].values())
     assert 0.0 <= on_disk["teacher_map50"] <= 1.0
     assert on_disk["cross_arch"]["mode"] == "pseudo_labels"
     assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0
-    assert set(on_disk["inversion_map50"]) == {"diode", "diode_fp"}
+    assert set(on_disk["inversion_map50"]) == {"diode", "diode_fp", "diode_tiles"}
+    assert on_disk["goal"]["best_diode"] in toy.DIODE_SOURCES
     assert on_disk["seconds"]["total"] > 0
     assert on_disk["config"]["images"] == toy.SMOKE.images
 
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n|") >= 7 and "DIODE" in table
+    assert table.count("\n|") >= 8 and "tiles sampler" in table
     with Image.open(tmp_path / "results.png") as plot:
         assert plot.format == "PNG" and plot.size == (720, 360)
     for name in toy.SOURCES:

@@ -137,6 +137,12 @@ def test_maxpool_matches_darknet(size: int, stride: int, hw: int):
     assert torch.equal(got, _darknet_maxpool_reference(x, size, stride))
 
 
+@pytest.mark.parametrize("hw", [(8, 7), (7, 8), (2, 2), (1, 4)])
+def test_maxpool_size2_stride2_on_mixed_parity_maps(hw: tuple[int, int]):
+    x = -torch.rand(1, 2, *hw) - 1
+    assert torch.equal(MaxPoolDarknet(2, 2, 1)(x), _darknet_maxpool_reference(x, 2, 2))
+
+
 def test_layer_shapes_follow_darknet_arithmetic():
     model = Darknet(TINY)
     shapes: dict[int, tuple[int, ...]] = {}

@@ -207,14 +207,45 @@ def jitter(
         -max_shift, max_shift + 1, (2, n), generator=generator, device=images.device
     ).expand(2, b)
     sx, sy = shift[0], shift[1]
-    # roll: out[y, x] = in[(y - sy) % H, (x - sx) % W], as one gather over the flat plane
-    ys = (torch.arange(h, device=images.device) - sy[:, None]) % h
-    xs = (torch.arange(w, device=images.device) - sx[:, None]) % w
-    flat = (ys[:, :, None] * w + xs[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
-    out = images.reshape(b, c, h * w).gather(2, flat).reshape(b, c, h, w)
-    delta = torch.stack((sx, sy, sx, sy), dim=1).to(boxes)[batch_index.to(boxes.device)]
-    new_boxes, valid = _clip_boxes(boxes + delta, valid, h, w, min_size, min_visibility)
+    ys, xs = _roll_index(sx, sy, h, w)
+    out = _gather_pixels(images, ys, xs)
+    new_boxes, valid = _shift_boxes(boxes, batch_index, valid, sx, sy, h, w, min_size, min_visibility)
     return out, new_boxes, batch_index, valid
+
+
+def _roll_index(sx: Tensor, sy: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Source rows ``[B, H]`` and columns ``[B, W]`` of a roll: ``out[y, x] = in[(y - sy) % H, (x - sx) % W]``."""
+    ys = (torch.arange(h, device=sx.device) - sy[:, None]) % h
+    xs = (torch.arange(w, device=sx.device) - sx[:, None]) % w
+    return ys, xs
+
+
+def _gather_pixels(images: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
+    """``out[b, :, y, x] = images[b, :, ys[b, y], xs[b, x]]`` as one gather, keeping the memory format.
+
+    A channels-last batch is gathered through its ``[B, H*W, C]`` view (no copy in, a
+    channels-last result out), so the teacher gets it without a layout conversion.
+    """
+    b, c, h, w = images.shape
+    flat = ys[:, :, None] * w + xs[:, None, :]
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        pixels = images.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        out = pixels.gather(1, flat.reshape(b, h * w, 1).expand(b, h * w, c))
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    index = flat.reshape(b, 1, h * w).expand(b, c, h * w)
+    return images.reshape(b, c, h * w).gather(2, index).reshape(b, c, h, w)
+
+
+def _shift_boxes(boxes: Tensor, batch_index: Tensor, valid: Tensor, sx: Tensor, sy: Tensor, h: int, w: int,
+                 min_size: float, min_visibility: float) -> tuple[Tensor, Tensor]:
+    delta = torch.stack((sx, sy, sx, sy), dim=1).to(boxes)[batch_index.to(boxes.device)]
+    return _clip_boxes(boxes + delta, valid, h, w, min_size, min_visibility)
+
+
+def _mirror_boxes(boxes: Tensor, batch_index: Tensor, flip: Tensor, w: int) -> Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    mirrored = torch.stack((w - x2, y1, w - x1, y2), dim=-1)
+    return torch.where(flip.to(boxes.device)[batch_index][:, None], mirrored, boxes)
 
 
 def hflip(
@@ -245,10 +276,27 @@ def hflip(
     b, w = images.shape[0], images.shape[-1]
     flip = torch.rand(b, generator=generator, device=images.device) < p
     out = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    mirrored = torch.stack((w - x2, y1, w - x1, y2), dim=-1)
-    new_boxes = torch.where(flip.to(boxes.device)[batch_index][:, None], mirrored, boxes)
-    return out, new_boxes, batch_index, valid
+    return out, _mirror_boxes(boxes, batch_index, flip, w), batch_index, valid
+
+
+def _jitter_then_flip(
+    images: Tensor, boxes: Tensor, batch_index: Tensor, valid: Tensor, jitter_params: dict[str, Any],
+    p: float, generator: torch.Generator | None,
+) -> OpOutput:
+    """:func:`jitter` followed by :func:`hflip` (same draws, same result) as a single gather."""
+    b, _, h, w = images.shape
+    n = b if jitter_params["per_sample"] else 1
+    max_shift = jitter_params["max_shift"]
+    _check_generator(generator, images.device)
+    shift = torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator, device=images.device).expand(2, b)
+    flip = torch.rand(b, generator=generator, device=images.device) < p
+    sx, sy = shift[0], shift[1]
+    ys, xs = _roll_index(sx, sy, h, w)
+    xs = torch.where(flip[:, None], xs.flip(-1), xs)
+    out = _gather_pixels(images, ys, xs)
+    moved, valid = _shift_boxes(boxes, batch_index, valid, sx, sy, h, w, jitter_params["min_size"],
+                                jitter_params["min_visibility"])
+    return out, _mirror_boxes(moved, batch_index, flip, w), batch_index, valid
 
 
 def random_resized_crop(
@@ -380,6 +428,20 @@ def contrast(
     return (images - mean) * gain + mean, boxes, batch_index, valid
 
 
+def _brightness_then_contrast(
+    images: Tensor, boxes: Tensor, batch_index: Tensor, valid: Tensor, sigma_b: float, sigma_c: float,
+    generator: torch.Generator | None,
+) -> OpOutput:
+    """:func:`brightness` followed by :func:`contrast` (same draws) as one pass:
+    ``(x + o - m') g + m'`` with ``m' = mean(x) + o`` is ``g x + (1 - g) mean(x) + o``."""
+    _check_generator(generator, images.device)
+    b = images.shape[0]
+    offset = (sigma_b * torch.randn(b, 1, 1, 1, generator=generator, device=images.device)).to(images.dtype)
+    gain = (1 + sigma_c * torch.randn(b, 1, 1, 1, generator=generator, device=images.device)).to(images.dtype)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return torch.addcmul(torch.addcmul(offset, 1 - gain, mean), images, gain), boxes, batch_index, valid
+
+
 def random_erase(
     images: Tensor,
     boxes: Tensor,
@@ -432,7 +494,7 @@ def random_erase(
     in_x = (xc >= x0[:, None]) & (xc < (x0 + ew)[:, None])
     mask = (in_y[:, :, None] & in_x[:, None, :] & apply[:, None, None])[:, None]
     if fill == "noise":
-        value = torch.rand(images.shape, generator=generator, device=dev).to(images.dtype)
+        value = torch.empty_like(images).uniform_(0.0, 1.0, generator=generator)  # in the images' layout
     else:
         value = torch.zeros((), dtype=images.dtype, device=dev)
     return torch.where(mask, value, images), boxes, batch_index, valid
@@ -623,9 +685,22 @@ class AugmentationPipeline(nn.Module):
         valid = _check_inputs(images, boxes, batch_index, None)
         if labels.shape != batch_index.shape:
             raise ValueError(f"labels must be a tensor [M] = [{boxes.shape[0]}] matching boxes")
-        for op in self.ops:
-            images, boxes, batch_index, valid = op(images, boxes, batch_index, valid,
-                                                   generator=generator)
+        ops = list(self.ops)
+        i = 0
+        while i < len(ops):
+            op, after = ops[i], ops[i + 1] if i + 1 < len(ops) else None
+            # Adjacent ops with a fused form (same random draws, same result, fewer passes).
+            if isinstance(op, Jitter) and isinstance(after, HFlip):
+                images, boxes, batch_index, valid = _jitter_then_flip(
+                    images, boxes, batch_index, valid, op.params, after.params["p"], generator)
+                i += 2
+            elif isinstance(op, Brightness) and isinstance(after, Contrast):
+                images, boxes, batch_index, valid = _brightness_then_contrast(
+                    images, boxes, batch_index, valid, op.params["sigma"], after.params["sigma"], generator)
+                i += 2
+            else:
+                images, boxes, batch_index, valid = op(images, boxes, batch_index, valid, generator=generator)
+                i += 1
         return images, batch_index, labels, boxes, valid
 
     def forward(

@@ -67,7 +67,14 @@ class MaxPoolDarknet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._symmetric:
             return F.max_pool2d(x, self.size, self.stride, self.padding // 2)
+        if self._pad[0] == 0 and all(self._tail_unused(n) for n in x.shape[-2:]):
+            # e.g. size 2 stride 2 on an even map: no window reaches the padding, skip the copy
+            return F.max_pool2d(x, self.size, self.stride)
         return F.max_pool2d(F.pad(x, self._pad, value=float("-inf")), self.size, self.stride)
+
+    def _tail_unused(self, n: int) -> bool:
+        after = self._pad[1]
+        return n >= self.size and (n - self.size) // self.stride == (n + after - self.size) // self.stride
 
     def extra_repr(self) -> str:
         return f"size={self.size}, stride={self.stride}, padding={self.padding}"
