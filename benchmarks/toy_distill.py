@@ -405,7 +405,8 @@ def bar_plot(results: dict[str, Any], path: Path) -> None:
         draw.line([(left, y), (width - 20, y)], fill=(225, 225, 225))
         draw.text((left - 30, y - 6), f"{tick / 10:.1f}", fill="black")
     colours = {"teacher": (90, 90, 90), "real": (60, 120, 200), "diode": (220, 110, 40),
-               "diode_fp": (240, 160, 60), "diode_tiles": (200, 80, 20), "proxy": (120, 170, 90), "noise": (170, 170, 170)}
+               "diode_fp": (240, 160, 60), "diode_tiles": (200, 80, 20), "proxy": (120, 170, 90),
+               "noise": (170, 170, 170)}
     for i, (name, value) in enumerate(bars):
         x0 = left + i * slot + slot * 0.15
         x1 = left + (i + 1) * slot - slot * 0.15

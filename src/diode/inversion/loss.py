@@ -107,7 +107,7 @@ class _AffineWithStats(torch.autograd.Function):
 def _eval_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` of a BatchNorm layer that normalizes with its running statistics."""
     rm, rv = cast(Tensor, layer.running_mean), cast(Tensor, layer.running_var)
-    scale = torch.rsqrt(rv.float() + layer.eps)
+    scale = torch.rsqrt(rv.float() + float(layer.eps))  # type: ignore[arg-type]
     if getattr(layer, "weight", None) is not None:
         scale = scale * cast(Tensor, layer.weight).detach().float()
     shift = -rm.float() * scale
