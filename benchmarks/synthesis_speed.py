@@ -2,11 +2,13 @@
 
 All are timed in this one process on the same batch (yolov3-tiny COCO, 160 px),
 alternating in rounds so machine noise hits them alike; the median per-iteration
-time of each and the ratios are printed. The floor is measured twice: with the
+time of each and the median over rounds of the per-round ratios are printed (paired
+ratios: a slow spell of the machine lengthens the bare and the synthesizer timings of
+its round alike). The floor is measured twice: with the
 default (contiguous) memory format, the plain way to run the teacher, and with
 channels-last, the format the synthesizer runs the teacher in.
 
-    python benchmarks/synthesis_speed.py [--batch-sizes 4 32] [--iters 30] [--rounds 5] [--device cpu]
+    python benchmarks/synthesis_speed.py [--batch-sizes 4 32] [--iters 30] [--rounds 7] [--device cpu]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--resolution", type=int, default=160)
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true")
     args = parser.parse_args()
@@ -73,7 +75,9 @@ def main() -> None:
             bare_cl.append(bare_forward_backward(teacher, x, args.iters, channels_last))
             synth.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp))
         b, bc, s = statistics.median(bare), statistics.median(bare_cl), statistics.median(synth)
-        print(f"{bs:>5} {b:>17.4f} {bc:>20.4f} {s:>12.4f} {s / b:>13.3f} {s / bc:>9.3f}", flush=True)
+        ratio = statistics.median(sy / ba for sy, ba in zip(synth, bare, strict=True))
+        ratio_cl = statistics.median(sy / ba for sy, ba in zip(synth, bare_cl, strict=True))
+        print(f"{bs:>5} {b:>17.4f} {bc:>20.4f} {s:>12.4f} {ratio:>13.3f} {ratio_cl:>9.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class ToyConfig:
     teacher_epochs: int = 15
     teacher_batch: int = 32
     teacher_lr: float = 4e-3
-    images: int = 512
+    images: int = 768
     synth_batch: int = 64
     synth_iters: int = 200
     synth_lr: float = 0.1
@@ -113,7 +113,7 @@ class ToyConfig:
     fp_warmup: int = 75
     fp_every: int = 25
     tiles_k: int = 4
-    distill_epochs: int = 40
+    distill_epochs: int = 27
     distill_batch: int = 32
     distill_lr: float = 3e-3
     seed: int = 0

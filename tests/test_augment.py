@@ -295,3 +295,20 @@ def test_jitter_keeps_channels_last_and_matches_contiguous() -> None:
     b = jitter(images.contiguous(memory_format=torch.channels_last), boxes, bi, max_shift=3,
                generator=torch.Generator().manual_seed(1))[0]
     assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cpu_erase_fills_exactly_the_masked_rectangles() -> None:
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 3, 12, 10, generator=g) + 2.0  # outside [0, 1): noise is recognisable
+    idx_y, idx_x = torch.arange(12), torch.arange(10)
+    y0, x0 = torch.tensor([0, 3, 5, 11, 2]), torch.tensor([1, 0, 9, 4, 2])
+    nh, nw = torch.tensor([4, 9, 7, 1, 0]), torch.tensor([3, 10, 1, 6, 5])
+    rows = (idx_y >= y0[:, None]) & (idx_y < (y0 + nh)[:, None])
+    cols = (idx_x >= x0[:, None]) & (idx_x < (x0 + nw)[:, None])
+    mask = rows[:, None, :, None] & cols[:, None, None, :]
+    zeroed = A._erase_rectangles(images, rows, cols, "zero", None)
+    assert torch.equal(zeroed, torch.where(mask, torch.zeros(()), images))
+    noisy = A._erase_rectangles(images, rows, cols, "noise", g)
+    assert torch.equal(noisy[~mask.expand_as(images)], images[~mask.expand_as(images)])
+    inside = noisy[mask.expand_as(images)]
+    assert inside.numel() == int(mask.sum()) * 3 and (inside >= 0).all() and (inside < 1).all()

@@ -114,6 +114,18 @@ def test_stage_rejects_unknown_loss_options_up_front() -> None:
         Stage(64, 10, loss={"w_tv": 1.0})
 
 
+def test_compiled_teacher_gives_the_eager_loss() -> None:
+    """``compile=True`` (inductor; about 40 s on CPU) with the fused BatchNorm forward of the loss."""
+    targets = onebox_targets(2)
+    runs = []
+    for compile_ in (True, False):
+        synth = Synthesizer(make_tiny_yolo(), stages=[Stage(64, 2, lr=0.1)], log_every=1, compile=compile_)
+        runs.append(synth.run(targets, generator=torch.Generator().manual_seed(0)))
+    compiled, eager = runs
+    assert compiled.history[0]["total"] == pytest.approx(eager.history[0]["total"], rel=1e-4)
+    assert torch.isfinite(compiled.images).all()
+
+
 def test_autocast_bf16_and_channels_last_run_on_cpu() -> None:
     teacher = make_tiny_yolo()
     synth = _synth(teacher, stages=[Stage(64, 4, lr=0.1)], amp="bf16", channels_last=True)

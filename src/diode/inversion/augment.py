@@ -492,12 +492,37 @@ def random_erase(
     xc = torch.arange(w, device=dev) + 0.5
     in_y = (yc >= y0[:, None]) & (yc < (y0 + eh)[:, None])
     in_x = (xc >= x0[:, None]) & (xc < (x0 + ew)[:, None])
+    if dev.type == "cpu":
+        return _erase_rectangles(images, in_y & apply[:, None], in_x, fill, generator), boxes, batch_index, valid
     mask = (in_y[:, :, None] & in_x[:, None, :] & apply[:, None, None])[:, None]
     if fill == "noise":
         value = torch.empty_like(images).uniform_(0.0, 1.0, generator=generator)  # in the images' layout
     else:
         value = torch.zeros((), dtype=images.dtype, device=dev)
     return torch.where(mask, value, images), boxes, batch_index, valid
+
+
+def _erase_rectangles(images: Tensor, rows: Tensor, cols: Tensor, fill: str,
+                      generator: torch.Generator | None) -> Tensor:
+    """CPU form of the erase: fill each image's rectangle (``rows [B, H]`` x ``cols [B, W]``
+    masks, each one contiguous run) in place on a copy, drawing noise for the rectangle only.
+
+    On CPU reading the rectangles costs no synchronization, and drawing noise for the
+    whole batch (one mt19937 draw per pixel) would dominate the op; on accelerators the
+    masked ``torch.where`` form is used instead.
+    """
+    out = images.clone()
+    starts_y, counts_y = rows.int().argmax(dim=1).tolist(), rows.sum(dim=1).tolist()
+    starts_x, counts_x = cols.int().argmax(dim=1).tolist(), cols.sum(dim=1).tolist()
+    for i, (y0, nh, x0, nw) in enumerate(zip(starts_y, counts_y, starts_x, counts_x, strict=True)):
+        if nh == 0 or nw == 0:
+            continue
+        region = out[i, :, y0:y0 + nh, x0:x0 + nw]
+        if fill == "noise":
+            region.copy_(torch.empty(region.shape, dtype=images.dtype).uniform_(0.0, 1.0, generator=generator))
+        else:
+            region.zero_()
+    return out
 
 
 class _Op(nn.Module):
