@@ -401,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="COCO mAP of a model on a labelled folder")
     _add_teacher_args(p, flag="--model")
     p.add_argument("--data", required=True, help="folder with images/ and labels/ (YOLO) or annotations.json")
-    p.add_argument("--size", type=int, default=416, help="resize images to SIZE x SIZE (0: keep)")
+    p.add_argument("--size", type=int, default=0,
+                   help="resize images to SIZE x SIZE (default 0: keep their size, as synthesized; "
+                        "e.g. 416 for photographs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--conf", type=float, default=0.001)
     p.add_argument("--iou", type=float, default=0.6)
