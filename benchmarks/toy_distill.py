@@ -328,19 +328,12 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
         log(f"  narrow student mAP50 (pseudo_labels, diode images): {cross:.3f}")
     seconds["total"] = round(time.perf_counter() - start, 1)
 
-    best_name = max(DIODE_SOURCES, key=lambda k: map50[k])
-    best = map50[best_name]
     results = {
         "map50": map50,
         "teacher_map50": teacher_map50,
         "cross_arch": {"mode": "pseudo_labels", "data": "diode", "width": config.narrow_width, "map50": cross},
         "inversion_map50": inversion,
-        "goal": {"best_diode": best_name,
-                 "best_diode_over_real": best / map50["real"] if map50["real"] > 0 else None,
-                 "onebox_diode_over_real": (max(map50["diode"], map50["diode_fp"]) / map50["real"]
-                                            if map50["real"] > 0 else None),
-                 "target": 0.8,
-                 "met": bool(best >= 0.8 * map50["real"] and best > max(map50["proxy"], map50["noise"]))},
+        "goal": goal(map50),
         "seconds": seconds,
         "config": dataclasses.asdict(config),
         "torch": torch.__version__,
@@ -350,6 +343,28 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     (out / "results.md").write_text(markdown_table(results))
     bar_plot(results, out / "results.png")
     return results
+
+
+def goal(map50: dict[str, float], target: float = 0.8) -> dict[str, Any]:
+    """The benchmark's goal: ``max(diode, diode_fp) >= target * real`` and above proxy and noise.
+
+    Also reports the best DIODE source including the tiles sampler, and its margin over
+    the proxy domain (a margin within a few hundredths is inside seed-to-seed noise).
+    """
+    real = map50["real"]
+    onebox = max(map50["diode"], map50["diode_fp"])
+    best_name = max(DIODE_SOURCES, key=lambda k: map50[k])
+    best = map50[best_name]
+    others = max(map50["proxy"], map50["noise"])
+    return {
+        "target": target,
+        "diode_over_real": onebox / real if real > 0 else None,
+        "met": bool(onebox >= target * real and onebox > others),
+        "best_diode": best_name,
+        "best_diode_over_real": best / real if real > 0 else None,
+        "best_diode_minus_proxy": best - map50["proxy"],
+        "best_met": bool(best >= target * real and best > others),
+    }
 
 
 def _mean_inversion_map50(manifest: dict[str, Any]) -> float | None:
@@ -379,6 +394,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     notes = (f"\nInversion mAP50 (teacher on its synthesized images): DIODE {_fmt(inv['diode'])}, "
              f"DIODE + FP sampling {_fmt(inv['diode_fp'])}, DIODE tiles {_fmt(inv['diode_tiles'])}. "
              f"Total runtime {results['seconds']['total'] / 60:.1f} min with {results['threads']} torch thread(s).\n")
+    g = results["goal"]
+    notes += (f"\nGoal (max(DIODE, DIODE + FP) >= {g['target']} x real and above proxy and noise): "
+              f"{'met' if g['met'] else 'missed'} ({_fmt(g['diode_over_real'])} x real). Best DIODE source: "
+              f"{g['best_diode']} ({_fmt(g['best_diode_over_real'])} x real, "
+              f"{g['best_diode_minus_proxy']:+.3f} over proxy).\n")
     return "\n".join(rows) + "\n" + notes
 
 

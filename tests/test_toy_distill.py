@@ -58,3 +58,13 @@ def test_smoke_run_writes_results(tmp_path):
     for name in toy.SOURCES:
         assert (tmp_path / "previews" / f"{name}.png").is_file()
         assert len(list((tmp_path / "data" / name).rglob("*.png"))) >= toy.SMOKE.images
+
+
+def test_goal_uses_the_onebox_sources_and_reports_the_best_one():
+    toy = _load_script()
+    base = {"real": 0.6, "diode": 0.47, "diode_fp": 0.40, "diode_tiles": 0.50, "proxy": 0.48, "noise": 0.02}
+    g = toy.goal(base)
+    assert not g["met"] and g["best_met"] and g["best_diode"] == "diode_tiles"
+    assert abs(g["diode_over_real"] - 0.47 / 0.6) < 1e-9 and abs(g["best_diode_minus_proxy"] - 0.02) < 1e-9
+    assert toy.goal({**base, "diode": 0.49})["met"]
+    assert not toy.goal({**base, "diode": 0.49, "proxy": 0.495})["met"]
