@@ -202,15 +202,21 @@ def jitter(
     max_shift = _check_shift(max_shift)
     _check_generator(generator, images.device)
     b, c, h, w = images.shape
-    n = b if per_sample else 1
-    shift = torch.randint(
-        -max_shift, max_shift + 1, (2, n), generator=generator, device=images.device
-    ).expand(2, b)
-    sx, sy = shift[0], shift[1]
+    sx, sy = _draw_shift(images, max_shift, per_sample, generator)
     ys, xs = _roll_index(sx, sy, h, w)
     out = _gather_pixels(images, ys, xs)
     new_boxes, valid = _shift_boxes(boxes, batch_index, valid, sx, sy, h, w, min_size, min_visibility)
     return out, new_boxes, batch_index, valid
+
+
+def _draw_shift(images: Tensor, max_shift: int, per_sample: bool,
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Integer shifts ``(sx [B], sy [B])`` in ``[-max_shift, max_shift]``, one per image or one for all."""
+    b = images.shape[0]
+    n = b if per_sample else 1
+    shift = torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator, device=images.device)
+    shift = shift.expand(2, b)
+    return shift[0], shift[1]
 
 
 def _roll_index(sx: Tensor, sy: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
@@ -285,12 +291,9 @@ def _jitter_then_flip(
 ) -> OpOutput:
     """:func:`jitter` followed by :func:`hflip` (same draws, same result) as a single gather."""
     b, _, h, w = images.shape
-    n = b if jitter_params["per_sample"] else 1
-    max_shift = jitter_params["max_shift"]
     _check_generator(generator, images.device)
-    shift = torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator, device=images.device).expand(2, b)
+    sx, sy = _draw_shift(images, jitter_params["max_shift"], jitter_params["per_sample"], generator)
     flip = torch.rand(b, generator=generator, device=images.device) < p
-    sx, sy = shift[0], shift[1]
     ys, xs = _roll_index(sx, sy, h, w)
     xs = torch.where(flip[:, None], xs.flip(-1), xs)
     out = _gather_pixels(images, ys, xs)

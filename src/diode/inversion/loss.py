@@ -49,12 +49,23 @@ class _ChannelStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_var: Tensor, grad_mean: Tensor) -> Tensor:  # type: ignore[override]
         x, mean = ctx.saved_tensors
-        shape = [1] * x.ndim
-        shape[1] = -1
-        n = x.numel() // x.shape[1]
-        scale = grad_var * (2.0 / n)
-        offset = grad_mean / n - scale * mean
-        return torch.addcmul(offset.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+        return _stats_grad(x, mean, grad_var, grad_mean)
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    """``[1, -1, 1, ...]``: views a per-channel ``[C]`` vector for broadcasting against ``x``."""
+    shape = [1] * x.ndim
+    shape[1] = -1
+    return shape
+
+
+def _stats_grad(x: Tensor, mean: Tensor, grad_var: Tensor, grad_mean: Tensor) -> Tensor:
+    """Gradient w.r.t. ``x`` of ``(var, mean)``: ``(g_mean + 2 g_var (x - mean)) / n`` in one ``addcmul``."""
+    shape = _channel_shape(x)
+    n = x.numel() // x.shape[1]
+    scale = grad_var * (2.0 / n)
+    offset = grad_mean / n - scale * mean
+    return torch.addcmul(offset.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,8 +95,7 @@ class _AffineWithStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        shape = [1] * x.ndim
-        shape[1] = -1
+        shape = _channel_shape(x)
         y = torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
         var, mean = _var_mean(x)
         ctx.save_for_backward(x, mean, scale)
@@ -94,13 +104,8 @@ class _AffineWithStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, grad_var: Tensor, grad_mean: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         x, mean, scale = ctx.saved_tensors
-        shape = [1] * x.ndim
-        shape[1] = -1
-        n = x.numel() // x.shape[1]
-        a = grad_var * (2.0 / n)
-        b = grad_mean / n - a * mean
-        grad_x = torch.addcmul(b.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype))
-        grad_x.addcmul_(grad_y, scale.view(shape).to(grad_y.dtype))
+        grad_x = _stats_grad(x, mean, grad_var, grad_mean)
+        grad_x.addcmul_(grad_y, scale.view(_channel_shape(x)).to(grad_y.dtype))
         return grad_x, None, None
 
 
@@ -167,20 +172,19 @@ class _TotalVariation(torch.autograd.Function):
             diffs.append(d)
             norms.append(norm)
         ctx.save_for_backward(*diffs, *norms)
-        ctx.size = (h, w)
+        ctx.shape, ctx.dtype = images.shape, images.dtype
+        ctx.memory_format = (torch.channels_last if images.ndim == 4 and not images.is_contiguous()
+                             and images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         return tv_l1, tv_l2
 
     @staticmethod
     def backward(ctx: Any, grad_l1: Tensor | None, grad_l2: Tensor | None) -> Tensor | None:  # type: ignore[override]
         saved = ctx.saved_tensors
         diffs, norms = saved[:4], saved[4:]
-        h, w = ctx.size
+        h, w = ctx.shape[-2:]
         if grad_l1 is None and grad_l2 is None:
             return None
-        grad = torch.empty(
-            (*diffs[0].shape[:-2], h, w), dtype=diffs[0].dtype, device=diffs[0].device,
-            memory_format=_memory_format(diffs[0]),
-        ).zero_()
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=diffs[0].device, memory_format=ctx.memory_format).zero_()
         for (dy, dx), d, norm in zip(_TV_DIRECTIONS, diffs, norms, strict=True):
             if not d.numel():
                 continue
@@ -194,11 +198,6 @@ class _TotalVariation(torch.autograd.Function):
                 grad[..., yb, xb].addcmul_(d, coef)
                 grad[..., ya, xa].addcmul_(d, coef, value=-1)
         return grad
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 def tv_losses(images: Tensor) -> tuple[Tensor, Tensor]:
