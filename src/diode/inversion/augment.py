@@ -170,7 +170,7 @@ def jitter(
     valid: Tensor | None = None,
     *,
     max_shift: int = 20,
-    per_sample: bool = True,
+    per_sample: bool = False,
     min_size: float = 1.0,
     min_visibility: float = 0.1,
     generator: torch.Generator | None = None,
@@ -188,7 +188,7 @@ def jitter(
         valid: bool ``[M]`` or ``None`` (all valid).
         max_shift: largest shift in pixels; shifts are integers in
             ``[-max_shift, max_shift]``.
-        per_sample: one shift per image (``True``) or one for the batch (reference).
+        per_sample: one shift per image (``True``) or one for the batch (``False``, the reference).
         min_size: boxes narrower or shorter than this many pixels after clipping
             become invalid.
         min_visibility: boxes keeping less than this fraction of their area
@@ -408,9 +408,10 @@ def contrast(
     sigma: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> OpOutput:
-    """Scale each image around its mean by ``1 + N(0, sigma)`` (reference: 0.1); no clamping.
+    """Multiply each image by ``1 + N(0, sigma)`` (reference: 0.1); no clamping.
 
-    The mean is taken over all channels and pixels of the image.
+    As in the reference recipe the scaling is about zero, not about the image's
+    mean, so a contrast change also shifts the brightness.
 
     Args:
         images: float ``[B, C, H, W]``.
@@ -426,9 +427,7 @@ def contrast(
     sigma = _check_nonneg(sigma, "sigma")
     _check_generator(generator, images.device)
     noise = torch.randn(images.shape[0], 1, 1, 1, generator=generator, device=images.device)
-    gain = (1 + sigma * noise).to(images.dtype)
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return (images - mean) * gain + mean, boxes, batch_index, valid
+    return images * (1 + sigma * noise).to(images.dtype), boxes, batch_index, valid
 
 
 def _brightness_then_contrast(
@@ -436,13 +435,12 @@ def _brightness_then_contrast(
     generator: torch.Generator | None,
 ) -> OpOutput:
     """:func:`brightness` followed by :func:`contrast` (same draws) as one pass:
-    ``(x + o - m') g + m'`` with ``m' = mean(x) + o`` is ``g x + (1 - g) mean(x) + o``."""
+    ``(x + o) g`` is ``g x + o g``, one multiply-add over the pixels."""
     _check_generator(generator, images.device)
     b = images.shape[0]
     offset = (sigma_b * torch.randn(b, 1, 1, 1, generator=generator, device=images.device)).to(images.dtype)
     gain = (1 + sigma_c * torch.randn(b, 1, 1, 1, generator=generator, device=images.device)).to(images.dtype)
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return torch.addcmul(torch.addcmul(offset, 1 - gain, mean), images, gain), boxes, batch_index, valid
+    return torch.addcmul(offset * gain, images, gain), boxes, batch_index, valid
 
 
 def random_erase(
@@ -452,9 +450,9 @@ def random_erase(
     valid: Tensor | None = None,
     *,
     p: float = 0.5,
-    scale: tuple[float, float] = (0.02, 0.33),
+    scale: tuple[float, float] = (0.02, 0.2),
     ratio: tuple[float, float] = (0.3, 3.3),
-    fill: Literal["noise", "zero"] = "noise",
+    fill: Literal["noise", "zero"] = "zero",
     generator: torch.Generator | None = None,
 ) -> OpOutput:
     """With probability ``p`` per image, fill one random rectangle with noise or zeros.
@@ -559,7 +557,7 @@ class Jitter(_Op):
         self,
         max_shift: int = 20,
         *,
-        per_sample: bool = True,
+        per_sample: bool = False,
         min_size: float = 1.0,
         min_visibility: float = 0.1,
     ) -> None:
@@ -613,9 +611,9 @@ class RandomErase(_Op):
         self,
         p: float = 0.5,
         *,
-        scale: tuple[float, float] = (0.02, 0.33),
+        scale: tuple[float, float] = (0.02, 0.2),
         ratio: tuple[float, float] = (0.3, 3.3),
-        fill: Literal["noise", "zero"] = "noise",
+        fill: Literal["noise", "zero"] = "zero",
     ) -> None:
         super().__init__(random_erase, p=_check_prob(p, "p"), scale=_check_range(scale, "scale"),
                          ratio=_check_range(ratio, "ratio"), fill=_check_fill(fill))
@@ -625,14 +623,15 @@ class AugmentationPipeline(nn.Module):
     """The box-aware augmentation applied to the synthesized batch every iteration.
 
     Order: random resized crop (if on), jitter, flip, brightness, contrast, erase.
-    The defaults reproduce the reference DIODE stage-1 recipe (jitter 20 px, flip,
-    brightness ``+N(0, 0.2)``, contrast ``x(1 + N(0, 0.1))``, random erase); stage 2
-    of the recipe uses ``jitter=40``. Set an op's knob to ``0`` (or ``crop=None``) to
+    The defaults reproduce the reference DIODE stage-1 recipe (one jitter shift of up
+    to 20 px for the batch, flip, brightness ``+N(0, 0.2)``, contrast ``x(1 + N(0, 0.1))``,
+    random erase zeroing a rectangle of 2-20 % of the canvas in half of the images);
+    stage 2 of the recipe uses ``jitter=40``. Set an op's knob to ``0`` (or ``crop=None``) to
     switch it off. Values are not clamped to ``[0, 1]``.
 
     Args:
         jitter: largest roll in pixels (0 disables).
-        jitter_per_sample: one shift per image (``True``) or per batch (reference).
+        jitter_per_sample: one shift per image (``True``) or per batch (``False``, the reference).
         flip: probability of a horizontal flip per image (0 disables).
         crop: area range ``(low, high)`` of the random resized crop, or ``None`` (off);
             ``high > 1`` also zooms out.
@@ -653,16 +652,16 @@ class AugmentationPipeline(nn.Module):
         self,
         *,
         jitter: int = 20,
-        jitter_per_sample: bool = True,
+        jitter_per_sample: bool = False,
         flip: float = 0.5,
         crop: tuple[float, float] | None = None,
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         brightness: float = 0.2,
         contrast: float = 0.1,
         erase: float = 0.5,
-        erase_scale: tuple[float, float] = (0.02, 0.33),
+        erase_scale: tuple[float, float] = (0.02, 0.2),
         erase_ratio: tuple[float, float] = (0.3, 3.3),
-        erase_fill: Literal["noise", "zero"] = "noise",
+        erase_fill: Literal["noise", "zero"] = "zero",
         min_box_size: float = 1.0,
         min_box_visibility: float = 0.1,
     ) -> None:
