@@ -1,6 +1,6 @@
 """The DIODE paper's table in miniature: data-free distillation on the procedural shapes world.
 
-One command, fixed seeds, CPU-sized (about 20-30 minutes on 2 cores):
+One command, fixed seeds, CPU-sized (about 15 minutes on 2 cores, 25 with one thread):
 
 1. train a small YOLO teacher (yolov3-tiny layout, narrow widths, 96 px) on shapes;
 2. build six image sources of equal size: (a) real = the first images of the teacher's

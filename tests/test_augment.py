@@ -312,3 +312,21 @@ def test_cpu_erase_fills_exactly_the_masked_rectangles() -> None:
     assert torch.equal(noisy[~mask.expand_as(images)], images[~mask.expand_as(images)])
     inside = noisy[mask.expand_as(images)]
     assert inside.numel() == int(mask.sum()) * 3 and (inside >= 0).all() and (inside < 1).all()
+
+
+def test_default_pipeline_follows_the_reference_recipe() -> None:
+    """One roll for the whole batch; the erase zeroes at most 20 % of an image."""
+    pipe = AugmentationPipeline(flip=0, brightness=0, contrast=0)
+    b = 64
+    images = torch.ones(b, 3, 40, 40)
+    box = torch.tensor([[15.0, 15.0, 25.0, 25.0]])
+    targets = [{"boxes": box.clone(), "labels": torch.tensor([1])} for _ in range(b)]
+    out, out_targets = pipe(images, targets, generator=torch.Generator().manual_seed(0))
+    shifted = torch.cat([t["boxes"] for t in out_targets])
+    assert shifted.shape == (b, 4) and torch.equal(shifted, shifted[:1].expand_as(shifted))
+    assert not torch.equal(shifted[:1], box)
+    erased = out == 0
+    assert ((out == 0) | (out == 1)).all()  # zero fill, no noise
+    frac = erased[:, 0].float().mean(dim=(1, 2))
+    assert (frac > 0).sum() > b // 4 and (frac == 0).sum() > b // 4  # p = 0.5
+    assert frac.max() <= 0.2 + 2 * 41 / 1600  # area up to 20 % (plus pixel rounding)
