@@ -7,10 +7,13 @@ size. Its adapter supplies what diode needs:
 
 - ``model`` (the ``nn.Module``), ``num_classes`` and ``class_names``;
 - ``forward(images)``: raw, differentiable outputs for images ``[B, 3, H, W]`` RGB in ``[0, 1]``;
-- ``task_loss(raw, targets)``: the detector's own training loss against targets
-  (``"boxes"`` xyxy pixels, ``"labels"`` int64), which synthesis uses as its task term;
+- ``size_divisor``: input sizes that need no padding (the model's stride here);
+- ``task_loss(raw, targets, *, generator=None)``: the detector's own training loss against
+  targets (``"boxes"`` xyxy pixels, ``"labels"`` int64), which synthesis uses as its task
+  term; any random draw it makes comes from ``generator``;
 - ``predict(images, conf=..., iou=...)``: post-processed detections (``boxes``, ``scores``, ``labels``);
-- ``bn_layers()``: the BatchNorm layers whose running statistics DeepInversion matches.
+- ``bn_layers()``: the BatchNorm layers whose running statistics DeepInversion matches;
+- ``synthesis_defaults()``: loss options that suit this detector (``{}``: the generic defaults).
 
 The script trains the toy detector briefly on diode's procedural shapes world
 (so its BatchNorm statistics describe real images), then synthesizes a batch of
@@ -69,6 +72,7 @@ class TinyCenterNetAdapter:
         self.model = model
         self.num_classes = model.num_classes
         self.class_names = list(class_names)
+        self.size_divisor = model.stride
 
     def forward(self, images: Tensor) -> Tensor:
         """Raw outputs ``[B, C + 4, ceil(H / 4), ceil(W / 4)]`` for images ``[B, 3, H, W]`` in ``[0, 1]``."""
@@ -77,7 +81,12 @@ class TinyCenterNetAdapter:
         images = F.pad(images, (0, -images.shape[3] % s, 0, -images.shape[2] % s))
         return self.model((images - 0.5) / 0.25)  # the adapter owns the normalization
 
-    def task_loss(self, raw: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+    def synthesis_defaults(self) -> dict[str, float]:
+        """No overrides: the generic (reference recipe) loss weights work for this detector."""
+        return {}
+
+    def task_loss(self, raw: Tensor, targets: list[dict[str, Tensor]], *,
+                  generator: torch.Generator | None = None) -> Tensor:
         """Focal loss on the heatmap + L1 on offsets and log sizes at each box's centre cell."""
         c, s = self.num_classes, self.model.stride
         raw = raw.float()

@@ -79,11 +79,16 @@ class TinyBNAdapter:
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
         self.num_classes = num_classes
         self.class_names = [f"c{i}" for i in range(num_classes)]
+        self.size_divisor = 1
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
-    def task_loss(self, raw: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+    def synthesis_defaults(self) -> dict[str, float]:
+        return {}
+
+    def task_loss(self, raw: Tensor, targets: list[dict[str, Tensor]], *,
+                  generator: torch.Generator | None = None) -> Tensor:
         loss = raw.sum() * 0
         for i, t in enumerate(targets):
             for box, label in zip(t["boxes"], t["labels"], strict=True):

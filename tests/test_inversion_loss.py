@@ -21,7 +21,7 @@ def test_bn_term_is_zero_when_batch_statistics_match_running_ones() -> None:
     for i, layer in enumerate(loss.bn_layers):
         with loss.hooks() as stats:
             adapter.forward(x)
-        var, mean = stats[i]
+        var, mean = stats[i][0]
         with torch.no_grad():
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
@@ -112,9 +112,11 @@ def test_hooks_are_removed_even_when_forward_raises() -> None:
     loss = DeepInversionLoss(adapter)
     with pytest.raises(RuntimeError, match="boom"), loss.hooks():
         raise RuntimeError("boom")
-    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in adapter.model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+               for m in adapter.model.modules())
     loss(torch.rand(1, 3, 8, 8), _targets(1))
-    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in adapter.model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+               for m in adapter.model.modules())
 
 
 def test_model_without_batchnorm_is_rejected() -> None:
@@ -203,12 +205,142 @@ def test_batchnorm_in_training_mode_or_with_own_forward_is_hooked_not_fused() ->
     x = torch.rand(2, 3, 8, 8)
     expected = adapter.forward(x)
     with loss.hooks() as stats:
-        assert adapter.model[4]._forward_hooks and "forward" not in adapter.model[4].__dict__
-        assert "forward" in adapter.model[1].__dict__
+        assert adapter.model[4]._forward_hooks and not adapter.model[4]._forward_pre_hooks
+        assert adapter.model[1]._forward_pre_hooks  # stock layer: fused path (it switches per call)
         out = adapter.forward(x)
     torch.testing.assert_close(out, expected)
     var, mean = torch.var_mean(adapter.model[0](x), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(stats[0][0], var)
-    torch.testing.assert_close(stats[0][1], mean)
-    assert stats[1] is not None
+    torch.testing.assert_close(stats[0][0][0], var)
+    torch.testing.assert_close(stats[0][0][1], mean)
+    assert len(stats[1]) == 1
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in adapter.model.modules())
+
+
+class _SharedBN(nn.Module):
+    """One BatchNorm layer called on two feature maps (a head shared across FPN levels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4).eval()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.bn(self.conv_a(x)), self.bn(self.conv_b(x))]
+
+
+class _SharedAdapter:
+    def __init__(self) -> None:
+        self.model = _SharedBN()
+        self.num_classes, self.class_names, self.size_divisor = 1, ["a"], 1
+        with torch.no_grad():
+            self.model.bn.running_mean.fill_(0.3)
+            self.model.bn.running_var.fill_(2.0)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(images)
+
+    def task_loss(self, raw, targets, *, generator=None):  # noqa: ANN001, ANN201
+        return sum(r.sum() for r in raw) * 0
+
+    def predict(self, images, *, conf=0.25, iou=0.45):  # noqa: ANN001, ANN201
+        return []
+
+    def bn_layers(self) -> list[nn.Module]:
+        return [self.model.bn]
+
+    def synthesis_defaults(self) -> dict[str, float]:
+        return {}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_layer_contributes_every_call_with_gradient_through_both(fused: bool) -> None:
+    import diode.inversion.loss as loss_module
+
+    adapter = _SharedAdapter()
+    loss = DeepInversionLoss(adapter, w_task=0.0, w_tv1=0.0)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    original = loss_module._fusable
+    loss_module._fusable = original if fused else (lambda layer: False)
+    try:
+        with loss.hooks() as stats:
+            total, parts = loss(x, [])
+            assert len(stats[0]) == 2
+    finally:
+        loss_module._fusable = original
+    model = adapter.model
+    rm, rv = model.bn.running_mean, model.bn.running_var
+    per_call = []
+    for conv in (model.conv_a, model.conv_b):
+        var, mean = torch.var_mean(conv(x), dim=(0, 2, 3), correction=0)
+        per_call.append(torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv))
+    torch.testing.assert_close(parts["bn_layers"][0], (per_call[0] + per_call[1]).detach() / 2)
+    grads = torch.autograd.grad(total, [model.conv_a.weight, model.conv_b.weight], allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_hooks_leave_every_module_dict_as_it_was_also_after_an_exception() -> None:
+    import copy
+
+    adapter = TinyBNAdapter()
+    adapter.model[4] = FrozenBatchNorm2d(8)
+    before = [copy.copy(m.__dict__) for m in adapter.model.modules()]
+    snapshot = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()} for d in before]
+    loss = DeepInversionLoss(adapter)
+    loss(torch.rand(2, 3, 8, 8), _targets(2))
+    with pytest.raises(RuntimeError, match="boom"), loss.hooks():
+        adapter.forward(torch.rand(1, 3, 8, 8))
+        raise RuntimeError("boom")
+    after = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
+             for m in adapter.model.modules()]
+    assert after == snapshot
+
+
+def test_user_hooks_on_a_fused_layer_see_the_real_output() -> None:
+    adapter = TinyBNAdapter()
+    seen: list[torch.Size] = []
+    handle = adapter.model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    loss = DeepInversionLoss(adapter)
+    loss(torch.rand(2, 3, 8, 8), _targets(2))
+    handle.remove()
+    assert seen == [torch.Size([2, 8, 8, 8])]
+
+
+def test_options_come_from_the_adapter_then_explicit_arguments() -> None:
+    adapter = TinyBNAdapter()
+    adapter.synthesis_defaults = lambda: {"w_tv1": 5.0, "w_bn": 0.3}  # type: ignore[method-assign]
+    loss = DeepInversionLoss(adapter, w_bn=0.7)
+    assert (loss.w_tv1, loss.w_bn, loss.w_task) == (5.0, 0.7, 0.5)
+    adapter.synthesis_defaults = lambda: {"w_bogus": 1.0}  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="w_bogus"):
+        DeepInversionLoss(adapter)
+
+
+def test_num_bn_layers_as_a_fraction() -> None:
+    adapter = TinyBNAdapter()
+    assert len(DeepInversionLoss(adapter, num_bn_layers=0.5).bn_layers) == 1
+    assert len(DeepInversionLoss(adapter, num_bn_layers=1.0).bn_layers) == 2
+    with pytest.raises(ValueError, match="fraction"):
+        DeepInversionLoss(adapter, num_bn_layers=1.5)
+
+
+def test_extra_terms_are_weighted_logged_and_validated() -> None:
+    adapter = TinyBNAdapter()
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    calls: list[tuple[int, int]] = []
+
+    def brightness(images: torch.Tensor, raw: torch.Tensor, targets: list) -> torch.Tensor:
+        calls.append((images.shape[0], raw.shape[1]))
+        return images.mean()
+
+    base = DeepInversionLoss(adapter, w_tv1=0.0)
+    loss = DeepInversionLoss(adapter, w_tv1=0.0, terms={"bright": (2.0, brightness)})
+    total, parts = loss(x, _targets(2))
+    plain, _ = base(x, _targets(2))
+    torch.testing.assert_close(total, plain + 2.0 * x.mean())
+    assert parts["bright"] == pytest.approx(x.mean().item()) and calls == [(2, 3)]
+    assert "bright" in loss.replace(w_bn=0.2).terms
+    with pytest.raises(ValueError, match="taken"):
+        DeepInversionLoss(adapter, terms={"bn": (1.0, brightness)})
+    with pytest.raises(ValueError, match="weight"):
+        DeepInversionLoss(adapter, terms={"b": (-1.0, brightness)})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_tiny_yolo, onebox_targets
 
-from diode import AugmentationPipeline, FPSampling, Stage, Synthesizer
+from diode import AugmentationPipeline, DeepInversionLoss, FPSampling, Stage, Synthesizer
 from diode.inversion.synthesizer import reference_stages
 
 
@@ -104,7 +104,7 @@ def test_reference_stages_follow_the_recipe() -> None:
     s1, s2 = reference_stages()
     assert (s1.size, s1.iterations, s1.lr, s1.min_lr, s1.betas) == ((160, 160), 2500, 0.2, 0.0, (0.0, 0.0))
     assert (s2.size, s2.iterations, s2.lr, s2.min_lr) == ((320, 320), 1500, 0.002, 0.0005)
-    assert s2.loss == {"first_bn_weight": 0.0, "num_bn_layers": 51, "w_task": 1.0}
+    assert s2.loss == {"first_bn_weight": 0.0, "num_bn_layers": 51 / 72, "w_task": 1.0}
     assert s1.lr_at(0) == pytest.approx(0.2) and s1.lr_at(2499) == pytest.approx(0.0, abs=1e-12)
     assert s2.lr_at(1499) == pytest.approx(0.0005)
 
@@ -135,3 +135,26 @@ def test_autocast_bf16_and_channels_last_run_on_cpu() -> None:
     assert all(torch.isfinite(torch.tensor(h["total"])) for h in result.history)
     with pytest.raises(ValueError, match="amp"):
         Synthesizer(teacher, amp="fp8")
+
+
+def test_the_callers_model_is_never_changed() -> None:
+    teacher = make_tiny_yolo()
+    teacher.model.train().requires_grad_(True)
+    state = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    dicts = [set(m.__dict__) for m in teacher.model.modules()]
+    synth = Synthesizer(teacher, stages=[Stage(64, 2, lr=0.1)], channels_last=True)
+    synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+    assert teacher.model.training and all(p.requires_grad for p in teacher.model.parameters())
+    assert all(p.is_contiguous() for p in teacher.model.parameters())
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in state.items())
+    assert [set(m.__dict__) for m in teacher.model.modules()] == dicts
+    assert synth.loss.teacher is not teacher and synth.loss.teacher.model is not teacher.model
+
+
+def test_extra_loss_terms_are_logged_with_the_builtin_ones() -> None:
+    teacher = make_tiny_yolo()
+    loss = DeepInversionLoss(teacher, terms={"dark": (0.5, lambda images, raw, targets: images.mean())})
+    result = Synthesizer(teacher, loss=loss, stages=[Stage(64, 2, lr=0.1)], log_every=1).run(
+        onebox_targets(2), generator=torch.Generator().manual_seed(0))
+    assert all("dark" in h and "task" in h for h in result.history)
+    assert "dark" in result.metrics

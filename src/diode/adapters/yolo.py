@@ -117,6 +117,15 @@ class YOLOv3Adapter:
         return self.model.num_classes
 
     @property
+    def size_divisor(self) -> int:
+        """The model's largest stride (32 for the bundled cfgs); other sizes are zero-padded."""
+        return int(self.model.max_stride)
+
+    def synthesis_defaults(self) -> dict[str, Any]:
+        """``{}``: the generic defaults are the reference recipe's, tuned on this family."""
+        return {}
+
+    @property
     def device(self) -> torch.device:
         """The device of the model's parameters."""
         return next(self.model.parameters()).device
@@ -136,8 +145,12 @@ class YOLOv3Adapter:
         """Raw head outputs ``[B, A, H_i, W_i, 5 + C]`` for images ``[B, 3, H, W]`` in ``[0, 1]``."""
         return self.model(self._pad(images))
 
-    def task_loss(self, raw: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
-        """YOLO loss (GIoU box + objectness + class BCE) of ``raw`` against ``targets`` (xyxy pixels)."""
+    def task_loss(self, raw: list[Tensor], targets: list[dict[str, Tensor]], *,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """YOLO loss (GIoU box + objectness + class BCE) of ``raw`` against ``targets`` (xyxy pixels).
+
+        Deterministic: ``generator`` is accepted for the protocol and not used.
+        """
         return self.loss(raw, self.model.anchors, self.model.strides, targets)[0]
 
     def postprocess(self, raw: list[Tensor], *, image_size: tuple[int, int], conf: float = 0.25,
@@ -188,7 +201,7 @@ class YOLOv3Adapter:
     def _pad(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] RGB in [0, 1], got shape {tuple(images.shape)}")
-        s = self.model.max_stride
+        s = self.size_divisor
         ph, pw = -images.shape[2] % s, -images.shape[3] % s
         return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -214,48 +215,77 @@ def tv_losses(images: Tensor) -> tuple[Tensor, Tensor]:
     return _TotalVariation.apply(images)  # type: ignore[no-any-return]
 
 
+#: The reference recipe's stage-1 loss options (DIODE's YOLOv3 numbers), the base every adapter's
+#: :meth:`~diode.DetectorAdapter.synthesis_defaults` and every explicit argument override.
+RECIPE_LOSS: dict[str, Any] = {"w_task": 0.5, "w_bn": 0.1, "first_bn_weight": 2.0, "num_bn_layers": None,
+                               "w_tv1": 75.0, "w_tv2": 0.0, "w_l2": 0.0}
+
+#: Names of the built-in terms in ``parts``; extra terms may not reuse them.
+BUILTIN_TERMS = ("task", "bn", "tv_l1", "tv_l2", "l2")
+
+#: An extra loss term: ``term(images, raw, targets) -> scalar`` on the augmented images, the teacher's
+#: raw outputs and the augmented targets.
+LossTerm = Callable[[Tensor, Any, list[dict[str, Tensor]]], Tensor]
+
+_UNSET: Any = object()
+BNStats = list[list[tuple[Tensor, Tensor]]]
+
+
 class DeepInversionLoss(nn.Module):
     """The DIODE objective on a batch of (augmented) images.
 
-    ``L = w_task * task + w_bn * sum_l c_l (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2)
-    + w_tv1 * TV_L1 + w_tv2 * TV_L2 + w_l2 * mean_b ||x_b||_2``
+    ``L = w_task * task + w_bn * sum_l c_l * mean_k (||mu_lk - running_mean_l||_2 + ||var_lk - running_var_l||_2)
+    + w_tv1 * TV_L1 + w_tv2 * TV_L2 + w_l2 * mean_b ||x_b||_2 + sum_t w_t * term_t``
 
-    where ``mu_l``, ``var_l`` are the batch mean and biased variance over
-    ``(N, H, W)`` of the input of BatchNorm layer ``l``, ``c_1 =
-    first_bn_weight`` and ``c_l = 1`` otherwise. Defaults are the reference
-    recipe's stage 1.
+    where ``mu_lk``, ``var_lk`` are the batch mean and biased variance over
+    ``(N, H, W)`` of the input of BatchNorm layer ``l`` at its ``k``-th call in
+    one forward (a layer shared across FPN levels is matched at every call, each
+    call against the layer's running statistics, and the calls are averaged so a
+    shared layer weighs as much as any other), ``c_1 = first_bn_weight`` and
+    ``c_l = 1`` otherwise.
+
+    Options left unset take the teacher's :meth:`~diode.DetectorAdapter.synthesis_defaults`,
+    then :data:`RECIPE_LOSS` (the reference recipe's stage 1).
 
     Args:
         teacher: the frozen detector (any :class:`DetectorAdapter`).
         w_task: weight of the adapter's detection loss.
         w_bn: weight of the BatchNorm statistics term.
         first_bn_weight: ``c_1``, the weight of the first BN layer.
-        num_bn_layers: use only the first ``k`` BN layers (``None``: all).
+        num_bn_layers: use only the first BN layers: an ``int`` count ``k >= 1``, a ``float``
+            fraction in ``(0, 1]`` of the teacher's layers (rounded up), or ``None`` for all.
         w_tv1: weight of TV-L1. w_tv2: weight of TV-L2. w_l2: weight of the image L2 norm.
+        terms: extra named terms ``{name: (weight, term)}``, each ``term(images, raw, targets)``
+            returning a scalar (e.g. :class:`~diode.CompetitionTerm`); logged under ``name``.
 
     Raises:
-        ValueError: the teacher has no BatchNorm layer, or a weight is negative.
+        ValueError: the teacher has no BatchNorm layer, a weight is negative, or a term is malformed.
     """
 
     def __init__(
         self,
         teacher: DetectorAdapter,
         *,
-        w_task: float = 0.5,
-        w_bn: float = 0.1,
-        first_bn_weight: float = 2.0,
-        num_bn_layers: int | None = None,
-        w_tv1: float = 75.0,
-        w_tv2: float = 0.0,
-        w_l2: float = 0.0,
+        w_task: float = _UNSET,
+        w_bn: float = _UNSET,
+        first_bn_weight: float = _UNSET,
+        num_bn_layers: int | float | None = _UNSET,
+        w_tv1: float = _UNSET,
+        w_tv2: float = _UNSET,
+        w_l2: float = _UNSET,
+        terms: Mapping[str, tuple[float, LossTerm]] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("w_task", w_task), ("w_bn", w_bn), ("first_bn_weight", first_bn_weight),
-                            ("w_tv1", w_tv1), ("w_tv2", w_tv2), ("w_l2", w_l2)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if num_bn_layers is not None and num_bn_layers < 1:
-            raise ValueError(f"num_bn_layers must be >= 1 or None, got {num_bn_layers}")
+        given = {"w_task": w_task, "w_bn": w_bn, "first_bn_weight": first_bn_weight, "num_bn_layers": num_bn_layers,
+                 "w_tv1": w_tv1, "w_tv2": w_tv2, "w_l2": w_l2}
+        defaults = dict(teacher.synthesis_defaults())
+        check_loss_options(defaults)
+        options = {**RECIPE_LOSS, **defaults, **{k: v for k, v in given.items() if v is not _UNSET}}
+        for name in ("w_task", "w_bn", "first_bn_weight", "w_tv1", "w_tv2", "w_l2"):
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        _check_num_bn_layers(options["num_bn_layers"])
         layers = [m for m in teacher.bn_layers() if isinstance(m, _BN_TYPES)]
         if not layers:
             raise ValueError(
@@ -263,67 +293,58 @@ class DeepInversionLoss(nn.Module):
                 "running statistics, so the teacher needs BatchNorm1d/2d, SyncBatchNorm or FrozenBatchNorm2d"
             )
         self.teacher = teacher
-        self.w_task, self.w_bn, self.first_bn_weight = w_task, w_bn, first_bn_weight
-        self.num_bn_layers = num_bn_layers
-        self.w_tv1, self.w_tv2, self.w_l2 = w_tv1, w_tv2, w_l2
+        self.w_task, self.w_bn = float(options["w_task"]), float(options["w_bn"])
+        self.first_bn_weight = float(options["first_bn_weight"])
+        self.num_bn_layers: int | float | None = options["num_bn_layers"]
+        self.w_tv1, self.w_tv2, self.w_l2 = float(options["w_tv1"]), float(options["w_tv2"]), float(options["w_l2"])
+        self.terms = _check_terms(terms)
         self._layers = layers
-        self._active: list[tuple[Tensor, Tensor] | None] | None = None
+        self._active: BNStats | None = None
 
     @property
     def bn_layers(self) -> list[nn.Module]:
         """The BatchNorm layers whose statistics are matched, in forward order."""
-        return self._layers[: self.num_bn_layers]
+        k = self.num_bn_layers
+        if isinstance(k, float):
+            k = math.ceil(k * len(self._layers) - 1e-9)
+        return self._layers[:k]
+
+    def options(self) -> dict[str, Any]:
+        """The resolved loss options (keys of :data:`LOSS_OPTIONS`), JSON-serializable."""
+        return {k: getattr(self, k) for k in LOSS_OPTIONS}
 
     def replace(self, **changes: Any) -> DeepInversionLoss:
-        """A copy with some weights changed (e.g. a stage's ``first_bn_weight=0``); validated."""
+        """A copy with some options changed (e.g. a stage's ``first_bn_weight=0``); validated; terms kept."""
         check_loss_options(changes)
-        kwargs = {k: getattr(self, k) for k in LOSS_OPTIONS}
-        kwargs.update(changes)
-        return DeepInversionLoss(self.teacher, **kwargs)
+        return DeepInversionLoss(self.teacher, **{**self.options(), **changes}, terms=self.terms)
+
+    def bind(self, teacher: DetectorAdapter) -> DeepInversionLoss:
+        """The same options and terms for another teacher (e.g. the synthesizer's private copy)."""
+        return DeepInversionLoss(teacher, **self.options(), terms=self.terms)
 
     @contextlib.contextmanager
-    def hooks(self) -> Iterator[list[tuple[Tensor, Tensor] | None]]:
-        """Record each BN input's (biased var, mean) during forwards; always undone on exit.
+    def hooks(self) -> Iterator[BNStats]:
+        """Record each BN input's (biased var, mean) at every call during forwards; always undone on exit.
 
-        Yields the list the forwards fill, one ``(var [C], mean [C])`` per layer.
-        Stock BatchNorm layers in eval mode get a fused forward for the duration (the
-        normalization and the statistics share one backward pass; the output is the
-        same; their running statistics and affine parameters are read once, when the
-        context opens); other layers (subclasses, layers in training mode) get a
-        forward hook.
-        While the context is open, :meth:`forward` reuses these instead of installing
-        its own (cheaper in a loop).
+        Yields one list per layer that the forwards fill with one ``(var [C], mean [C])`` per
+        call (cleared by :meth:`forward` before each teacher forward). Only hooks are added to
+        the layers, and removed on exit, also after an exception: every module's ``__dict__`` is
+        as it was. Stock BatchNorm layers that normalize with running statistics take a fused
+        path: a pre-hook computes the normalization and the statistics in one autograd node
+        (one backward pass instead of three) and hands the layer a ``[1, C, 1, ...]`` slice, whose
+        output the forward hook replaces by the fused result. Other layers (subclasses with their
+        own forward, layers in training mode) get a plain forward hook.
+        While the context is open, :meth:`forward` reuses these instead of installing its own.
         """
         layers = self.bn_layers
-        stats: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
-
-        def make_hook(i: int):  # noqa: ANN202
-            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-                stats[i] = channel_stats(inputs[0])
-            return hook
-
-        def make_forward(i: int, layer: nn.Module):  # noqa: ANN202
-            plain = type(layer).forward
-            scale, shift = _eval_affine(layer)
-
-            def forward(x: Tensor) -> Tensor:
-                if not _uses_running_stats(layer):
-                    stats[i] = channel_stats(x)
-                    return plain(layer, x)  # type: ignore[no-any-return]
-                y, var, mean = _AffineWithStats.apply(x, scale, shift)
-                stats[i] = (var, mean)
-                return y  # type: ignore[no-any-return]
-            return forward
-
+        stats: BNStats = [[] for _ in layers]
         handles = []
-        patched = []
         try:
             for i, layer in enumerate(layers):
                 if _fusable(layer):
-                    layer.forward = make_forward(i, layer)
-                    patched.append(layer)
+                    handles += _fused_hooks(layer, stats[i])
                 else:
-                    handles.append(layer.register_forward_hook(make_hook(i)))
+                    handles.append(layer.register_forward_hook(_stats_hook(stats[i])))
             previous, self._active = self._active, stats
             try:
                 yield stats
@@ -332,46 +353,110 @@ class DeepInversionLoss(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-            for layer in patched:
-                del layer.forward
 
-    def bn_term(self, stats: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor]:
-        """Weighted BN-statistics loss and the per-layer values ``[L]`` (unweighted)."""
+    def bn_term(self, stats: BNStats) -> tuple[Tensor, Tensor]:
+        """Weighted BN-statistics loss and the per-layer values ``[L]`` (unweighted, mean over calls)."""
         per_layer = []
-        for (var, mean), layer in zip(_require(stats), self.bn_layers, strict=True):
+        for calls, layer in zip(_require(stats), self.bn_layers, strict=True):
             rm, rv = cast(Tensor, layer.running_mean), cast(Tensor, layer.running_var)
-            per_layer.append(torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv))
-        values = torch.stack(per_layer)
-        coef = torch.ones_like(values)
+            values = [torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv) for var, mean in calls]
+            per_layer.append(values[0] if len(values) == 1 else torch.stack(values).mean())
+        values_t = torch.stack(per_layer)
+        coef = torch.ones_like(values_t)
         coef[0] = self.first_bn_weight
-        return (coef * values).sum(), values
+        return (coef * values_t).sum(), values_t
 
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]], *,
+                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Run the teacher on ``images`` and compute the loss.
 
         Args:
             images: ``[B, 3, H, W]`` float in ``[0, 1]`` (already augmented).
             targets: boxes (xyxy pixels of ``images``) and labels per image.
+            generator: passed to the teacher's ``task_loss`` (its only source of random draws).
 
         Returns:
-            ``(total, parts)``: the scalar loss and detached per-term values
-            ``{"task", "bn", "tv_l1", "tv_l2", "l2", "bn_layers"}`` (no host sync).
+            ``(total, parts)``: the scalar loss and detached per-term values: the built-in
+            ``{"task", "bn", "tv_l1", "tv_l2", "l2"}``, one per extra term, and ``"bn_layers"``
+            ``[L]`` (no host sync).
         """
-        if self._active is not None:
-            stats = self._active
+        with contextlib.ExitStack() as stack:
+            stats = self._active if self._active is not None else stack.enter_context(self.hooks())
+            for calls in stats:
+                calls.clear()
             raw = self.teacher.forward(images)
-        else:
-            with self.hooks() as stats:
-                raw = self.teacher.forward(images)
-        task = self.teacher.task_loss(raw, targets)
-        bn, bn_layers = self.bn_term(stats)
+            task = self.teacher.task_loss(raw, targets, generator=generator)
+            bn, bn_layers = self.bn_term(stats)  # after task_loss: layers it runs (R-CNN heads) count too
         tv_l1, tv_l2 = tv_losses(images)
         l2 = torch.linalg.vector_norm(images.flatten(1), dim=1).mean()
-        weighted = ((self.w_task, task), (self.w_bn, bn), (self.w_tv1, tv_l1), (self.w_tv2, tv_l2), (self.w_l2, l2))
+        parts = {"task": task, "bn": bn, "tv_l1": tv_l1, "tv_l2": tv_l2, "l2": l2}
+        weighted = [(self.w_task, task), (self.w_bn, bn), (self.w_tv1, tv_l1), (self.w_tv2, tv_l2), (self.w_l2, l2)]
+        for name, (weight, term) in self.terms.items():
+            value = term(images, raw, targets)
+            parts[name] = value
+            weighted.append((weight, value))
         # Zero-weight terms stay out of the graph, so the backward never visits them.
-        total = sum((w * term for w, term in weighted if w > 0), torch.zeros((), device=images.device))
-        parts = {"task": task, "bn": bn, "tv_l1": tv_l1, "tv_l2": tv_l2, "l2": l2, "bn_layers": bn_layers}
-        return total, {k: v.detach() for k, v in parts.items()}
+        total = sum((w * t for w, t in weighted if w > 0), torch.zeros((), device=images.device))
+        out = {k: v.detach() for k, v in parts.items()}
+        out["bn_layers"] = bn_layers.detach()
+        return total, out
+
+
+def _stats_hook(calls: list[tuple[Tensor, Tensor]]) -> Callable[..., None]:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        calls.append(channel_stats(inputs[0]))
+    return hook
+
+
+def _fused_hooks(layer: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> list[Any]:
+    """Pre- and post-forward hooks running ``layer`` as one fused affine+statistics node."""
+    pending: list[Tensor] = []
+    affine: list[tuple[Tensor, Tensor]] = []  # read once per context: the teacher is frozen
+
+    def pre(module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+        x = inputs[0]
+        if not _uses_running_stats(module):
+            calls.append(channel_stats(x))
+            return None
+        if not affine:
+            affine.append(_eval_affine(module))
+        scale, shift = affine[0]
+        y, var, mean = _AffineWithStats.apply(x, scale, shift)
+        calls.append((var, mean))
+        pending.append(y)
+        # The layer's own forward now runs on one value per channel; its output is replaced below.
+        return (x.detach()[(slice(0, 1), slice(None)) + (slice(0, 1),) * (x.ndim - 2)], *inputs[1:])
+
+    def post(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        return pending.pop() if pending else None
+
+    # The post hook runs first, so any hook of the user's sees the real output.
+    return [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post, prepend=True)]
+
+
+def _check_num_bn_layers(k: Any) -> None:
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ValueError(f"num_bn_layers must be an int >= 1, a fraction in (0, 1] or None, got {k!r}")
+    if isinstance(k, int) and k < 1:
+        raise ValueError(f"num_bn_layers must be >= 1 as a count, got {k}")
+    if isinstance(k, float) and not 0 < k <= 1:
+        raise ValueError(f"num_bn_layers as a float is a fraction of the layers in (0, 1], got {k}")
+
+
+def _check_terms(terms: Mapping[str, tuple[float, LossTerm]] | None) -> dict[str, tuple[float, LossTerm]]:
+    checked: dict[str, tuple[float, LossTerm]] = {}
+    for name, entry in (terms or {}).items():
+        if not isinstance(name, str) or not name or name in BUILTIN_TERMS or name in ("total", "bn_layers"):
+            raise ValueError(f"extra loss term name {name!r} is empty or taken by a built-in term")
+        if not isinstance(entry, tuple) or len(entry) != 2 or not callable(entry[1]):
+            raise ValueError(f"terms[{name!r}] must be (weight, callable), got {entry!r}")
+        weight = entry[0]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"terms[{name!r}] weight must be a number >= 0, got {weight!r}")
+        checked[name] = (float(weight), entry[1])
+    return checked
 
 
 def check_loss_options(options: dict[str, Any]) -> None:
@@ -382,9 +467,9 @@ def check_loss_options(options: dict[str, Any]) -> None:
                          f"valid: {', '.join(LOSS_OPTIONS)}")
 
 
-def _require(stats: list[tuple[Tensor, Tensor] | None]) -> list[tuple[Tensor, Tensor]]:
-    missing = [i for i, s in enumerate(stats) if s is None]
+def _require(stats: BNStats) -> BNStats:
+    missing = [i for i, calls in enumerate(stats) if not calls]
     if missing:
         raise RuntimeError(f"BatchNorm layer(s) {missing} were not run by the teacher's forward; "
                            "set num_bn_layers to skip layers the forward does not use")
-    return stats  # type: ignore[return-value]
+    return stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -16,12 +17,10 @@ from torch import Tensor
 from diode._boxes import Target, pack_targets, unpack_targets, validate_targets
 from diode.adapters.base import DetectorAdapter
 from diode.inversion.augment import AugmentationPipeline
-from diode.inversion.loss import LOSS_OPTIONS, DeepInversionLoss, check_loss_options
+from diode.inversion.loss import DeepInversionLoss, check_loss_options
 from diode.inversion.sampler import FPSampling, add_false_positives
 
 logger = logging.getLogger(__name__)
-
-_TERMS = ("task", "bn", "tv_l1", "tv_l2", "l2")
 
 
 @dataclass
@@ -36,7 +35,7 @@ class Stage:
         betas: Adam betas; the reference uses ``(0, 0)`` (sign-like steps).
         augment: augmentation for this stage (``None``: the synthesizer's).
         loss: overrides of :class:`DeepInversionLoss` weights for this stage,
-            e.g. ``{"first_bn_weight": 0.0, "num_bn_layers": 51}``.
+            e.g. ``{"first_bn_weight": 0.0, "num_bn_layers": 0.7}``.
         fp_sampling: whether false-positive sampling (if configured) runs here.
     """
 
@@ -80,12 +79,22 @@ class Stage:
         return d
 
 
+#: Stage 2 of the reference recipe matches the first 51 of YOLOv3's 72 BN layers; as a fraction
+#: it applies to any teacher.
+STAGE2_BN_FRACTION = 51 / 72
+
+
 def reference_stages() -> list[Stage]:
-    """The original DIODE recipe: 2500 iterations at 160 px, then 1500 at 320 px."""
+    """The original DIODE recipe: 2500 iterations at 160 px, then 1500 at 320 px.
+
+    Stage 2's BatchNorm limit, 51 layers of YOLOv3's 72 in the reference, is the fraction
+    :data:`STAGE2_BN_FRACTION` of the teacher's layers, so the recipe applies to any detector.
+    """
     return [
         Stage(160, 2500, lr=0.2, min_lr=0.0, betas=(0.0, 0.0)),
         Stage(320, 1500, lr=0.002, min_lr=0.0005, betas=(0.0, 0.0), augment=AugmentationPipeline(jitter=40),
-              loss={"first_bn_weight": 0.0, "num_bn_layers": 51, "w_task": 1.0}, fp_sampling=False),
+              loss={"first_bn_weight": 0.0, "num_bn_layers": STAGE2_BN_FRACTION, "w_task": 1.0},
+              fp_sampling=False),
     ]
 
 
@@ -100,7 +109,8 @@ class SynthesisResult:
         metrics: final per-term losses, ``inversion_map50`` (the teacher's mAP50
             on ``images`` against ``targets``; ``None`` without an eval backend),
             ``seconds_per_iteration`` and ``iterations``.
-        history: one dict per logging point (``stage``, ``iteration``, ``lr``, per-term losses).
+        history: one dict per logging point (``stage``, ``iteration``, ``lr``, ``total`` and every
+            scalar loss term, extra terms included).
     """
 
     images: Tensor
@@ -112,6 +122,11 @@ class SynthesisResult:
 class Synthesizer:
     """DeepInversion for detectors: coarse-to-fine optimisation of a batch of images.
 
+    The synthesizer runs a private copy of the teacher (in eval mode, without parameter
+    gradients, channels-last or compiled as asked), so the caller's model is never
+    changed: its modes, memory format, ``requires_grad`` flags and buffers stay as given.
+    The copy costs one model's memory on the teacher's device.
+
     Args:
         teacher: the frozen detector; its parameters' device is used.
         loss: the objective (default ``DeepInversionLoss(teacher)``, recipe weights).
@@ -121,9 +136,9 @@ class Synthesizer:
         log_every: iterations between logging points (the only host syncs).
         amp: mixed precision on CUDA: ``False``, ``True`` (bf16 where supported,
             else fp16), ``"bf16"`` or ``"fp16"``.
-        channels_last: run the teacher and the images in channels-last memory format
+        channels_last: run the teacher's copy and the images in channels-last memory format
             (default on: faster convolutions on CUDA and with oneDNN on CPU).
-        compile: ``torch.compile`` the teacher's model in place (first call is slow).
+        compile: ``torch.compile`` the teacher's copy (first call is slow).
         init: ``"rand"`` (uniform noise) or ``"randn"`` (clamped Gaussian, the reference).
         eval_conf: confidence threshold of the inversion-mAP detections.
         eval_iou: NMS IoU of the inversion-mAP detections.
@@ -148,8 +163,8 @@ class Synthesizer:
         progress: bool = False,
     ) -> None:
         self.teacher = teacher
-        self.loss = loss if loss is not None else DeepInversionLoss(teacher)
-        if self.loss.teacher is not teacher:
+        loss = loss if loss is not None else DeepInversionLoss(teacher)
+        if loss.teacher is not teacher:
             raise ValueError("loss was built for another teacher: pass DeepInversionLoss(teacher)")
         self.augment = augment if augment is not None else AugmentationPipeline()
         self.stages = list(stages) if stages is not None else reference_stages()
@@ -167,17 +182,15 @@ class Synthesizer:
         self.init = init
         self.eval_conf, self.eval_iou = eval_conf, eval_iou
         self.progress = progress
-        teacher.model.eval().requires_grad_(False)
-        if self.channels_last:
-            teacher.model.to(memory_format=torch.channels_last)
-        if compile:
-            teacher.model.compile()
+        self.compile = compile
+        self._teacher = _private_copy(teacher, channels_last=self.channels_last, compile=compile)
+        self.loss = loss.bind(self._teacher)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serializable configuration (for manifests and resume checks)."""
         loss = self.loss
         return {
-            "loss": {k: getattr(loss, k) for k in LOSS_OPTIONS},
+            "loss": {**loss.options(), **({"terms": sorted(loss.terms)} if loss.terms else {})},
             "augment": repr(self.augment),
             "stages": [s.describe() for s in self.stages],
             "fp_sampling": None if self.fp_sampling is None else asdict(self.fp_sampling),
@@ -215,7 +228,7 @@ class Synthesizer:
         """
         canvas = image_size or self.stages[0].size
         targets = list(targets)
-        validate_targets(targets, image_size=canvas, num_classes=self.teacher.num_classes)
+        validate_targets(targets, image_size=canvas, num_classes=self._teacher.num_classes)
         if not targets:
             raise ValueError("targets is empty: give one dict per image to synthesize")
         batch = len(targets)
@@ -240,7 +253,7 @@ class Synthesizer:
         seconds = time.perf_counter() - start
         images = x.detach().contiguous()
         final_targets = _denormalize(norm, images.shape[-2:], batch)
-        metrics: dict[str, Any] = {k: float(parts[k]) for k in _TERMS}
+        metrics: dict[str, Any] = {k: float(v) for k, v in parts.items() if v.ndim == 0}
         metrics["seconds_per_iteration"] = seconds / total_iters
         metrics["iterations"] = total_iters
         metrics["inversion_map50"] = self.inversion_map50(images, final_targets)
@@ -277,7 +290,8 @@ class Synthesizer:
         scale = torch.tensor([w, h, w, h], device=self.device, dtype=torch.float32)
         idx, labels, boxes = norm[0], norm[1], norm[2] * scale
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        bad_parts = torch.zeros(len(_TERMS), device=self.device)
+        terms: list[str] = []
+        bad_parts = torch.zeros(0, device=self.device)
         fp = self.fp_sampling if stage.fp_sampling else None
         parts: dict[str, Tensor] = {}
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -292,13 +306,16 @@ class Synthesizer:
                 aug_targets = unpack_targets(a_idx[valid], a_labels[valid], a_boxes[valid], batch)
                 x_aug = x_aug.contiguous(memory_format=memory)
                 with autocast:
-                    total, parts = loss(x_aug, aug_targets)
+                    total, parts = loss(x_aug, aug_targets, generator=gen)
+                if not terms:
+                    terms = [k for k, v in parts.items() if v.ndim == 0]
+                    bad_parts = torch.zeros(len(terms), device=self.device)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
                 with torch.no_grad():
                     x.clamp_(0, 1)
-                    stacked = torch.stack([parts[k].float() for k in _TERMS])
+                    stacked = torch.stack([parts[k].float() for k in terms])
                     newly_bad = (first_bad < 0) & ~torch.isfinite(stacked).all()
                     first_bad = torch.where(newly_bad, torch.full_like(first_bad, it), first_bad)
                     bad_parts = torch.where(newly_bad, stacked, bad_parts)
@@ -308,9 +325,9 @@ class Synthesizer:
                 if bar is not None:
                     bar.update(1)
                 if (it + 1) % self.log_every == 0 or last:
-                    _raise_if_bad(first_bad, bad_parts, stage_idx)
+                    _raise_if_bad(first_bad, bad_parts, terms, stage_idx)
                     record = {"stage": stage_idx, "iteration": it + 1, "lr": lr, "total": float(total.detach()),
-                              **{k: float(parts[k]) for k in _TERMS}}
+                              **{k: float(parts[k]) for k in terms}}
                     history.append(record)
                     logger.debug("stage %d iter %d: %s", stage_idx, it + 1, record)
                     if bar is not None:
@@ -322,7 +339,7 @@ class Synthesizer:
     def _add_false_positives(self, fp: FPSampling, x: Tensor, idx: Tensor, labels: Tensor, boxes: Tensor,
                              batch: int) -> tuple[Tensor, Tensor, Tensor]:
         size = (x.shape[-2], x.shape[-1])
-        detections = self.teacher.predict(x.detach(), conf=fp.conf)
+        detections = self._teacher.predict(x.detach(), conf=fp.conf)
         current = unpack_targets(idx, labels, boxes, batch)
         updated = add_false_positives(current, detections, conf=fp.conf, iou=fp.iou, min_area=fp.min_area,
                                       max_area=fp.max_area, image_size=size)
@@ -333,22 +350,33 @@ class Synthesizer:
         """The teacher's mAP50 on ``images`` against ``targets`` (``None`` without an eval backend)."""
         from diode.eval import detection_map
 
-        predictions = self.teacher.predict(images, conf=self.eval_conf, iou=self.eval_iou)
+        predictions = self._teacher.predict(images, conf=self.eval_conf, iou=self.eval_iou)
         try:
-            result = detection_map(predictions, list(targets), num_classes=self.teacher.num_classes)
+            result = detection_map(predictions, list(targets), num_classes=self._teacher.num_classes)
         except ImportError as e:
             logger.warning("inversion mAP skipped: %s", e)
             return None
         return float(result["map50"])
 
 
-def _raise_if_bad(first_bad: Tensor, bad_parts: Tensor, stage_idx: int) -> None:
+def _private_copy(teacher: DetectorAdapter, *, channels_last: bool, compile: bool) -> DetectorAdapter:
+    """A deep copy of ``teacher`` set up for synthesis; the caller's adapter and model stay as they are."""
+    clone = copy.deepcopy(teacher)
+    clone.model.eval().requires_grad_(False)
+    if channels_last:
+        clone.model.to(memory_format=torch.channels_last)
+    if compile:
+        clone.model.compile()
+    return clone
+
+
+def _raise_if_bad(first_bad: Tensor, bad_parts: Tensor, terms: Sequence[str], stage_idx: int) -> None:
     it = int(first_bad)
     if it >= 0:
         values = bad_parts.tolist()
-        bad = [k for k, v in zip(_TERMS, values, strict=True) if not math.isfinite(v)] or ["total"]
+        bad = [k for k, v in zip(terms, values, strict=True) if not math.isfinite(v)] or ["total"]
         raise FloatingPointError(f"non-finite loss at stage {stage_idx}, iteration {it + 1}: term(s) "
-                                 f"{', '.join(map(repr, bad))} (values {dict(zip(_TERMS, values, strict=True))}); "
+                                 f"{', '.join(map(repr, bad))} (values {dict(zip(terms, values, strict=True))}); "
                                  "lower the learning rate or check the teacher's BatchNorm statistics")
 
 
