@@ -173,3 +173,131 @@ def test_invalid_boxes_and_class_ids_named() -> None:
         BBoxSampler.tiles(num_classes=0)
     with pytest.raises(ValueError, match="image_size"):
         BBoxSampler.onebox(num_classes=3).sample(2, image_size=(0, 10))
+
+
+def test_add_false_positives_drops_detections_degenerate_after_clipping() -> None:
+    # A detection on the canvas edge clips to zero width; a NaN box is non-finite: both are dropped,
+    # the good detection of the same image is still added.
+    targets = [_target([0, 0, 20, 20])]
+    det = _target([100, 10, 120, 40], [50, 50, 50, 80], [40, 40, 70, 70], labels=[1, 2, 3])
+    det["boxes"][1, 0] = float("nan")
+    det["scores"] = torch.tensor([0.9, 0.9, 0.9])
+    out = add_false_positives(targets, [det], image_size=(100, 100), num_classes=5)
+    assert out[0]["labels"].tolist() == [0, 3]
+    assert torch.equal(out[0]["boxes"][1], torch.tensor([40.0, 40, 70, 70]))
+    assert det["boxes"].shape == (3, 4)  # input untouched
+    with pytest.raises(ValueError, match=r"detections\[0\] must hold"):
+        add_false_positives(targets, [{**det, "scores": torch.zeros(2)}], image_size=(100, 100))
+
+
+def _pairwise_iou_max(boxes: torch.Tensor) -> float:
+    iou = box_iou(boxes, boxes)
+    return float((iou - torch.diag(iou.diagonal())).max()) if len(boxes) > 1 else 0.0
+
+
+def test_multibox_counts_sizes_and_no_overlap() -> None:
+    h, w = 96, 128
+    sampler = BBoxSampler.multibox(num_classes=5, k=(1, 4), min_size=0.1, max_size=0.4)
+    targets = sampler.sample(200, image_size=(h, w), generator=torch.Generator().manual_seed(0))
+    counts = [len(t["labels"]) for t in targets]
+    assert set(counts) == {1, 2, 3, 4}
+    for t in targets:
+        b = t["boxes"]
+        assert _pairwise_iou_max(b) == 0.0
+        assert (b[:, :2] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        bw, bh = (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h
+        assert (bw >= 0.1 - 1e-5).all() and (bw <= 0.4 + 1e-5).all() and (bh >= 0.1 - 1e-5).all()
+    exact = BBoxSampler.multibox(num_classes=5, k=3, min_size=0.1, max_size=0.3)
+    assert {len(t["labels"]) for t in exact.sample(100, generator=torch.Generator().manual_seed(1))} == {3}
+
+
+def test_multibox_max_iou_allows_overlap_and_seed_decides() -> None:
+    loose = BBoxSampler.multibox(num_classes=3, k=6, min_size=0.3, max_size=0.6, max_iou=0.3)
+    targets = loose.sample(50, generator=torch.Generator().manual_seed(0))
+    worst = max(_pairwise_iou_max(t["boxes"]) for t in targets)
+    assert 0.0 < worst <= 0.3 + 1e-6
+    a = loose.sample(4, generator=torch.Generator().manual_seed(3))
+    b = loose.sample(4, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["labels"], y["labels"])
+               for x, y in zip(a, b, strict=True))
+    assert repr(loose) == "BBoxSampler.multibox(num_classes=3, k=6, min_size=0.3, max_size=0.6, max_iou=0.3)"
+
+
+def test_multibox_prior_and_validation() -> None:
+    sampler = BBoxSampler.multibox(num_classes=4, class_prior=[0, 0, 1, 0])
+    labels = torch.cat([t["labels"] for t in sampler.sample(20, generator=torch.Generator().manual_seed(0))])
+    assert labels.unique().tolist() == [2]
+    assert "class_prior=sha256:" in repr(sampler)
+    for bad in ((3, 1), (0, 2), (1, 2, 3), 0, True):
+        with pytest.raises(ValueError, match="k must be"):
+            BBoxSampler.multibox(num_classes=4, k=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k must be an int"):
+        BBoxSampler.tiles(num_classes=4, k=(1, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_iou"):
+        BBoxSampler.multibox(num_classes=4, max_iou=1.0)
+
+
+def _two_cluster_targets(n: int = 6) -> list[dict[str, torch.Tensor]]:
+    # class 0: small boxes at the top left; class 1: large boxes at the bottom right (x1 in 50..60)
+    out = []
+    for i in range(n):
+        boxes = torch.tensor([[0.0, 0, 10, 10], [50 + 2 * i, 60, 90 + 2 * i, 100]])
+        out.append({"boxes": boxes, "labels": torch.tensor([0, 1])})
+    return out
+
+
+def test_from_statistics_per_class_shapes_positions_and_counts() -> None:
+    source = _two_cluster_targets()
+    exact = BBoxSampler.from_statistics(source, num_classes=3, image_size=(100, 100), bandwidth=0)
+    targets = exact.sample(100, image_size=(100, 100), generator=torch.Generator().manual_seed(0))
+    assert {len(t["labels"]) for t in targets} == {2}
+    observed = torch.cat([t["boxes"] for t in source])
+    for t in targets:  # bandwidth 0: every box is an observed box of its own class
+        for box, label in zip(t["boxes"], t["labels"], strict=True):
+            own = torch.cat([s["boxes"][s["labels"] == label] for s in source])
+            assert torch.isclose(own, box, atol=1e-4).all(dim=1).any()
+    labels = torch.cat([t["labels"] for t in targets])
+    assert 80 < int((labels == 0).sum()) < 120 and not (labels == 2).any()  # the data's class frequencies
+
+    smooth = BBoxSampler.from_statistics(source, num_classes=3, image_size=(100, 100))
+    targets = smooth.sample(200, image_size=(100, 100), generator=torch.Generator().manual_seed(0))
+    boxes = torch.cat([t["boxes"] for t in targets])
+    labels = torch.cat([t["labels"] for t in targets])
+    small, large = boxes[labels == 0], boxes[labels == 1]
+    assert not torch.isclose(boxes[:, None], observed[None], atol=1e-3).all(dim=-1).any(dim=1).all()
+    assert (small[:, 2] - small[:, 0]).max() < 20 and (large[:, 2] - large[:, 0]).min() > 30
+    assert small[:, 0].max() < 15 and large[:, 0].min() > 35
+
+
+def test_from_statistics_pooled_prior_folder_and_errors(tmp_path: Path) -> None:
+    source = _two_cluster_targets()
+    pooled = BBoxSampler.from_statistics(source, num_classes=3, image_size=(100, 100), per_class=False,
+                                         bandwidth=0, class_prior=[0, 0, 1], max_boxes=1)
+    targets = pooled.sample(100, image_size=(100, 100), generator=torch.Generator().manual_seed(0))
+    assert {len(t["labels"]) for t in targets} == {1}
+    assert torch.cat([t["labels"] for t in targets]).unique().tolist() == [2]
+    widths = torch.cat([t["boxes"][:, 2] - t["boxes"][:, 0] for t in targets])
+    assert (widths < 15).any() and (widths > 30).any()  # class 2 has no boxes: shapes from the whole pool
+
+    _write(tmp_path / "a.txt", "1 0.5 0.5 0.5 0.25\n2 0.25 0.25 0.1 0.1\n")
+    _write(tmp_path / "b.txt", "")
+    folder = BBoxSampler.from_statistics(tmp_path, num_classes=3, bandwidth=0)
+    assert repr(folder).startswith("BBoxSampler.statistics(num_classes=3, boxes=2, images=1, per_class=True")
+    (t,) = folder.sample(1, image_size=(100, 200), generator=torch.Generator().manual_seed(0))
+    assert len(t["labels"]) == 2
+    with pytest.raises(ValueError, match="image_size is required"):
+        BBoxSampler.from_statistics(source, num_classes=3)
+    with pytest.raises(ValueError, match="no box"):
+        BBoxSampler.from_statistics([_target()], num_classes=3, image_size=(10, 10))
+    with pytest.raises(ValueError, match="bandwidth"):
+        BBoxSampler.from_statistics(source, num_classes=3, image_size=(100, 100), bandwidth=-1)
+    with pytest.raises(ValueError, match="max_boxes"):
+        BBoxSampler.from_statistics(source, num_classes=3, image_size=(100, 100), max_boxes=0)
+
+
+def test_from_labels_class_prior_redraws_classes(tmp_path: Path) -> None:
+    _write(tmp_path / "a.txt", "1 0.5 0.5 0.5 0.25\n2 0.25 0.25 0.1 0.1\n")
+    sampler = BBoxSampler.from_labels(tmp_path, num_classes=5, class_prior=[0, 0, 0, 0, 1])
+    (t,) = sampler.sample(1, image_size=(100, 200), generator=torch.Generator().manual_seed(0))
+    assert t["labels"].tolist() == [4, 4]
+    assert torch.allclose(t["boxes"], torch.tensor([[50.0, 37.5, 150.0, 62.5], [40.0, 20.0, 60.0, 30.0]]))
