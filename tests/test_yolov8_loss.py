@@ -290,6 +290,8 @@ def test_bad_inputs() -> None:
     feats = [f.detach() for f in _feats()]
     with pytest.raises(ValueError, match="2 tensors"):
         loss(feats[:1], [ONE, ONE], image_size=SIZE)
+    with pytest.raises(ValueError, match="V10DetectionLoss"):
+        loss({"one2many": feats, "one2one": feats}, [ONE, ONE], image_size=SIZE)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"feats\[1\]"):
         loss([feats[0], feats[1][:, :-1]], [ONE, ONE], image_size=SIZE)
     with pytest.raises(ValueError, match="one dict per image"):

@@ -52,7 +52,7 @@ def complete_iou(boxes1: Tensor, boxes2: Tensor, *, eps: float = 1e-7) -> Tensor
         eps: added to denominators so degenerate boxes give finite values.
 
     Returns:
-        ``[...]`` CIoU in ``[-1.5, 1]`` (1 for identical boxes).
+        ``[...]`` CIoU in ``(-1.5, 1]`` (1 for identical boxes).
     """
     x1a, y1a, x2a, y2a = boxes1.unbind(-1)
     x1b, y1b, x2b, y2b = boxes2.unbind(-1)
@@ -302,8 +302,9 @@ class DetectionLoss(nn.Module):
                image_size: tuple[int, int]) -> None:
         """Shape checks only (no host sync)."""
         if isinstance(feats, Tensor) or not isinstance(feats, Sequence) or len(feats) != len(self.strides):
-            raise ValueError(f"feats must be a list of {len(self.strides)} tensors (one per stride "
-                             f"{self.strides}), got {type(feats).__name__} of length {len(feats)}")
+            got = f"a list of {len(feats)}" if isinstance(feats, Sequence) else type(feats).__name__
+            raise ValueError(f"feats must be a list of {len(self.strides)} tensors (one per stride {self.strides}), "
+                             f"got {got} (a v10Detect dict goes to V10DetectionLoss)")
         if (not isinstance(image_size, Sequence) or len(image_size) != 2
                 or not all(isinstance(s, int) and s > 0 for s in image_size)):
             raise ValueError(f"image_size must be (height, width) in pixels, got {image_size!r}")
