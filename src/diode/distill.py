@@ -1,18 +1,32 @@
 """`Distiller`: train a student detector on unlabelled images with a teacher as the only supervisor.
 
-Two modes:
+Three modes:
 
-- ``"outputs"`` (the reference DIODE method): the loss is the sum over heads of the
-  mean squared error between the student's and the teacher's raw outputs on the same
-  (augmented) images. Teacher and student must produce outputs of the same structure
-  and shapes (same head layout and classes), which is checked at construction.
-- ``"pseudo_labels"``: the teacher's detections after NMS (score above ``conf``) are
-  the targets of the student's own task loss; any student with the teacher's classes.
+- ``"outputs"`` (the reference DIODE method): the loss is the sum over output tensors of
+  the mean squared error between the student's and the teacher's raw outputs on the same
+  (augmented) images. Raw outputs may be a tensor or tensors nested in lists, tuples and
+  dicts (flattened in a stable order: dict keys sorted); teacher and student must give the
+  same structure and shapes (same head layout and classes), which is checked at construction.
+- ``"pseudo_labels"``: the teacher's detections after NMS (score above ``conf``) are the
+  targets of the student's own task loss; any two adapters with the same classes. With
+  ``score_sampling`` each detection is kept with probability equal to its score, so the
+  expected objectness target of a detector trained with binary cross-entropy is the
+  teacher's score (soft targets through any adapter's task loss).
+- ``"hybrid"``: both, ``outputs + pseudo_weight * task`` (same head layout).
 
-Training is reproducible and resumable: the shuffling of epoch ``e`` and the
-augmentation of step ``s`` of it are seeded from ``(seed, e, s)`` alone, and the
-learning rate is a function of the training progress, so a run resumed from its
-last checkpoint ends with the same weights as an uninterrupted one.
+Training is reproducible and resumable: the shuffling of epoch ``e`` and the random draws
+of step ``s`` of it are seeded from ``(seed, e, s)`` (and the rank), and the learning rate
+is a function of the training progress, so a run resumed from its last checkpoint ends with
+the same weights as an uninterrupted one.
+
+Under ``torchrun`` (``torch.distributed`` initialized, world size ``W > 1``) the student
+is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`. ``batch_size`` is the
+*global* batch: every step, the same epoch permutation is cut into global batches and rank
+``r`` takes the ``r``-th of ``W`` near-equal slices of each, and each rank's loss is weighted
+by its share so the averaged gradient is that of the global batch mean. Only rank 0 writes
+files and shows progress. BatchNorm layers normalise with per-rank batch statistics (as
+DistributedDataParallel does by default), so a ``W``-process run is close to, not equal to,
+a one-process run.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import io
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,13 +54,15 @@ from diode._boxes import Target, detections_as_targets
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike, atomic_write_bytes
+from diode.data.records import RunRecords
 from diode.inversion.augment import AugmentationPipeline
+from diode.inversion.job import _barrier, _rank_and_world
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistillConfig", "Distiller"]
 
-MODES = ("outputs", "pseudo_labels")
+MODES = ("outputs", "pseudo_labels", "hybrid")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "last.pt"
 STUDENT_WEIGHTS = "student.pt"
@@ -77,12 +94,14 @@ class DistillConfig:
     """Settings of a distillation run.
 
     Args:
-        mode: ``"outputs"`` (MSE between raw outputs; same head layout) or
-            ``"pseudo_labels"`` (teacher detections as targets of the student's task loss).
+        mode: ``"outputs"`` (MSE between raw outputs; same head layout), ``"pseudo_labels"``
+            (teacher detections as targets of the student's task loss; any student with the
+            teacher's classes) or ``"hybrid"`` (both; same head layout).
         epochs: passes over the images.
-        batch_size: images per step.
+        batch_size: images per step, over all processes together under ``torchrun``
+            (each of ``W`` ranks takes about ``batch_size / W``; at least ``W``).
         image_size: ``(height, width)`` (or one int for squares) every image is resized
-            to; for darknet models a multiple of the model stride (32).
+            to; a multiple of both adapters' ``size_divisor``.
         lr: peak learning rate.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, applied to weights of
             two or more dimensions only (not to biases and BatchNorm parameters).
@@ -96,16 +115,25 @@ class DistillConfig:
         ema_tau: updates over which the EMA decay ramps up.
         conf: score threshold of the teacher's pseudo labels, in ``[0, 1]``.
         iou: NMS IoU threshold of the teacher's pseudo labels, in ``[0, 1]``.
+        score_sampling: keep each pseudo label with probability equal to its score (drawn
+            anew every step) instead of every label above ``conf``.
+        pseudo_weight: weight of the task loss against the output MSE in ``"hybrid"`` mode.
         augment: random horizontal flip, random resized crop (area 0.5-1) and
             brightness/contrast jitter of the training images; the teacher sees the
             same augmented images as the student.
+        mosaic: probability that a training image is replaced by a 2x2 mosaic of four
+            half-size images of its batch (before the other augmentations), in ``[0, 1]``.
+        hsv: colour jitter gains ``(hue, saturation, value)``: per image a hue rotation of
+            up to ``hue`` of a turn about the grey axis and saturation and value factors in
+            ``[1 - gain, 1 + gain]``; ``(0, 0, 0)`` switches it off.
         num_workers: ``DataLoader`` worker processes reading the images.
         seed: seed of the shuffling and the augmentation, ``>= 0``.
         amp: bfloat16 autocast of the forward passes.
-        log_every: log the loss every this many steps.
+        log_every: log the loss (averaged since the previous logging point) every this
+            many steps.
     """
 
-    mode: Literal["outputs", "pseudo_labels"] = "outputs"
+    mode: Literal["outputs", "pseudo_labels", "hybrid"] = "outputs"
     epochs: int = 100
     batch_size: int = 16
     image_size: int | tuple[int, int] = 160
@@ -118,7 +146,11 @@ class DistillConfig:
     ema_tau: float = 2000.0
     conf: float = 0.25
     iou: float = 0.45
+    score_sampling: bool = False
+    pseudo_weight: float = 0.05
     augment: bool = True
+    mosaic: float = 0.0
+    hsv: tuple[float, float, float] = (0.0, 0.0, 0.0)
     num_workers: int = 0
     seed: int = 0
     amp: bool = False
@@ -152,7 +184,16 @@ class DistillConfig:
         _check_number("ema_tau", self.ema_tau, 0.0, math.inf, open_low=True, open_high=True)
         _check_number("conf", self.conf, 0.0, 1.0)
         _check_number("iou", self.iou, 0.0, 1.0)
-        for name in ("augment", "amp"):
+        _check_number("pseudo_weight", self.pseudo_weight, 0.0, math.inf, open_low=True, open_high=True)
+        _check_number("mosaic", self.mosaic, 0.0, 1.0)
+        hsv = self.hsv
+        if isinstance(hsv, (str, bytes)) or not isinstance(hsv, Sequence) or len(hsv) != 3:
+            raise ValueError(f"hsv must be three gains (hue, saturation, value), got {hsv!r}")
+        for name, gain, high in zip(("hsv hue", "hsv saturation", "hsv value"), hsv, (0.5, 1.0, 1.0),
+                                    strict=True):
+            _check_number(name, gain, 0.0, high)
+        object.__setattr__(self, "hsv", tuple(float(g) for g in hsv))
+        for name in ("augment", "amp", "score_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -173,7 +214,10 @@ class Distiller:
     The student is trained in train mode from whatever weights it holds (a freshly
     built ``YOLOv3Adapter.from_config(...)`` trains from scratch; load weights into
     ``student.model`` before to start from them). Both must be on the same device,
-    which is where training runs.
+    which is where training runs. Under ``torchrun`` call
+    ``torch.distributed.init_process_group`` first and put both on this rank's device
+    (``cuda:LOCAL_RANK``, or the CPU with the gloo backend); the student's weights are then
+    made equal to rank 0's.
 
     Args:
         teacher: the supervising detector.
@@ -182,9 +226,10 @@ class Distiller:
         **overrides: fields of :class:`DistillConfig` replacing those of ``config``.
 
     Raises:
-        ValueError: devices differ, the image size does not suit a model, or (``"outputs"``
-            mode) the raw outputs differ in structure or shape, or (``"pseudo_labels"``
-            mode) the class counts differ.
+        ValueError: devices differ, the image size is not a multiple of an adapter's
+            ``size_divisor``, the global batch is smaller than the number of processes, or
+            (``"outputs"``/``"hybrid"``) the raw outputs differ in structure or shape, or
+            (``"pseudo_labels"``/``"hybrid"``) the class counts differ.
     """
 
     def __init__(self, teacher: DetectorAdapter, student: DetectorAdapter, *,
@@ -211,31 +256,36 @@ class Distiller:
                 f"teacher is on {teacher_device} but student is on {self.device}; "
                 "move both to the same device (adapter.to(device))"
             )
-        h, w = self.image_size
-        for name, adapter in (("teacher", teacher), ("student", student)):
-            stride = getattr(adapter.model, "max_stride", None)
-            if isinstance(stride, int) and (h % stride or w % stride):
-                raise ValueError(
-                    f"image_size {h}x{w} is not a multiple of the {name}'s stride {stride}; "
-                    f"use e.g. image_size=({_round_to(h, stride)}, {_round_to(w, stride)})"
-                )
+        self._check_size()
         params = [p for p in student.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
                 "student has no trainable parameters (a frozen adapter?); "
                 "call student.model.requires_grad_(True) first"
             )
+        c = self.config
         teacher.model.eval()
-        if self.config.mode == "outputs":
+        if c.mode in ("outputs", "hybrid"):
             self._check_outputs()
-        elif teacher.num_classes != student.num_classes:
+        if c.mode in ("pseudo_labels", "hybrid") and teacher.num_classes != student.num_classes:
             raise ValueError(
-                f"mode='pseudo_labels' needs the teacher's classes, but the teacher has "
+                f"mode={c.mode!r} needs the teacher's classes, but the teacher has "
                 f"{teacher.num_classes} and the student {student.num_classes}"
             )
-        self.optimizer = _make_optimizer(student.model, self.config)
+        self.rank, self.world = _rank_and_world()
+        if c.batch_size < self.world:
+            raise ValueError(f"batch_size {c.batch_size} is the global batch and must be at least the "
+                             f"number of processes, {self.world}; raise batch_size")
+        self._forward: nn.Module = _StudentForward(student)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Construction broadcasts rank 0's parameters and buffers to every rank.
+            self._forward = DistributedDataParallel(
+                self._forward, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.optimizer = _make_optimizer(student.model, c)
         self._ema: DetectorAdapter | None = None
-        if self.config.ema is not None:
+        if c.ema is not None:
             self._ema = copy.deepcopy(student)
             self._ema.model.eval().requires_grad_(False)
         self._augment = AugmentationPipeline(
@@ -257,7 +307,8 @@ class Distiller:
     def save(self, path: PathLike) -> None:
         """Write the :meth:`student_for_eval` weights (``model.state_dict()``) atomically.
 
-        Load them with ``student.model.load_state_dict(torch.load(path))``.
+        Load them with ``student.model.load_state_dict(torch.load(path))``. Under ``torchrun``
+        every rank holds the same weights; call this on rank 0 only.
         """
         _atomic_torch_save(self.student_for_eval().model.state_dict(), path)
 
@@ -268,31 +319,39 @@ class Distiller:
         out: PathLike | None = None,
         resume: bool = True,
         eval_fn: Callable[[DetectorAdapter, int], Mapping[str, Any]] | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done.
+
+        Progress lines (every ``log_every`` steps and at every epoch end) go to this module's
+        logger at INFO level and, with ``out``, to ``out/log.txt``.
 
         Args:
             data: an image folder (read by :class:`~diode.data.folder.DetectionFolder`,
                 labels ignored, images resized to ``image_size``) or such a dataset built
                 with the same ``image_size``.
-            out: folder for ``last.pt`` (full training state, written after every epoch)
-                and ``student.pt`` (the :meth:`save` weights); ``None`` writes nothing.
+            out: the run folder, written by rank 0 only: ``last.pt`` (full training state,
+                written atomically after every epoch), ``student.pt`` (the :meth:`save`
+                weights), ``log.txt`` (the progress lines), ``metrics.csv`` (one row per
+                logging point: epoch, step, lr, loss and every loss term) and ``loss.png``
+                (their curves); ``None`` writes nothing.
             resume: continue from ``out/last.pt`` if it exists (its settings must match,
                 except ``num_workers`` and ``log_every``); ``False`` starts over and
                 overwrites it.
-            eval_fn: called after every epoch as ``eval_fn(student_for_eval(), epoch)``
+            eval_fn: called on rank 0 after every epoch as ``eval_fn(student_for_eval(), epoch)``
                 (``epoch`` counted from 1, the model in eval mode); its dict of numbers,
                 strings, lists and dicts is stored in the history under ``"eval"``.
-            progress: show a tqdm bar over the steps of each epoch.
+            progress: a tqdm bar over all steps with an ETA (rank 0); ``None`` shows it when
+                standard error is an interactive terminal.
 
         Returns:
             The history, one dict per finished epoch: ``"epoch"``, ``"loss"`` (mean training
-            loss), ``"lr"`` (learning rate of the last step) and ``"eval"`` if ``eval_fn``.
+            loss), ``"terms"`` (mean of each loss term), ``"lr"`` (learning rate of the last
+            step) and ``"eval"`` if ``eval_fn`` (rank 0).
 
         Raises:
             ValueError: no images, an unreadable image (named), or a checkpoint written
-                with other settings.
+                with other settings (the changed settings named).
             FloatingPointError: the loss became NaN or infinite.
         """
         c = self.config
@@ -306,90 +365,163 @@ class Distiller:
         if self.epoch >= c.epochs:
             logger.info("all %d epochs are done already", c.epochs)
             return list(self.history)
-        sampler = _EpochShuffle(len(folder), c.seed)
+        primary = self.rank == 0
+        records = None
+        if out is not None and primary:
+            done = self.epoch
+            records = RunRecords(out, keep=(lambda row: int(row["epoch"]) <= done) if done else None)
+        sampler = _ShardedBatches(len(folder), c.batch_size, c.seed, self.rank, self.world)
         loader = DataLoader(
-            folder, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers,
+            folder, batch_sampler=sampler, num_workers=c.num_workers,
             collate_fn=DetectionFolder.collate, pin_memory=self.device.type == "cuda",
             persistent_workers=c.num_workers > 0,
         )
-        logger.info("distilling (%s) on %d images, %d steps per epoch, epochs %d-%d", c.mode,
-                    len(folder), len(loader), self.epoch + 1, c.epochs)
+        steps = len(loader)
+        report = _Reporter(records)
+        split = f" ({self.world} processes)" if self.world > 1 else ""
+        if self.epoch:
+            report.line(f"resuming: {self.epoch}/{c.epochs} epochs already done")
+        report.line(f"distilling ({c.mode}) on {len(folder)} images: batch {c.batch_size}{split}, "
+                    f"{steps} steps per epoch, epochs {self.epoch + 1}-{c.epochs}")
+        show = (sys.stderr.isatty() if progress is None else progress) and primary
         self.teacher.model.eval()
-        for epoch in range(self.epoch, c.epochs):
-            sampler.epoch = epoch
-            start = time.perf_counter()
-            entry = self._train_epoch(loader, epoch, progress)
-            if eval_fn is not None:
-                entry["eval"] = self._evaluate(eval_fn, epoch + 1)
-            self.history.append(entry)
-            self.epoch = epoch + 1
-            logger.info("epoch %d/%d: loss %.6g, lr %.3g, %.1f s", self.epoch, c.epochs,
-                        entry["loss"], entry["lr"], time.perf_counter() - start)
-            if out is not None:
-                self._save_checkpoint(Path(out))
+        with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar:
+            for epoch in range(self.epoch, c.epochs):
+                sampler.epoch = epoch
+                start = time.perf_counter()
+                entry = self._train_epoch(loader, sampler, epoch, report)
+                if eval_fn is not None and primary:
+                    entry["eval"] = self._evaluate(eval_fn, epoch + 1)
+                self.history.append(entry)
+                self.epoch = epoch + 1
+                scores = "".join(f", {k} {v:.4g}" for k, v in entry.get("eval", {}).items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool))
+                report.line(f"epoch {self.epoch}/{c.epochs} done: loss {entry['loss']:.4g}, "
+                            f"lr {entry['lr']:.3g}, {time.perf_counter() - start:.1f} s{scores}")
+                if out is not None and primary:
+                    self._save_checkpoint(Path(out))
+                    report.plot()
+        _barrier(self.world)
         return list(self.history)
 
     # training -----------------------------------------------------------------------------
 
-    def _train_epoch(self, loader: DataLoader, epoch: int, progress: bool) -> dict[str, Any]:
+    def _train_epoch(self, loader: DataLoader, sampler: _ShardedBatches, epoch: int,
+                     report: _Reporter) -> dict[str, Any]:
         c = self.config
         steps = len(loader)
         self.student.model.train()
-        total = torch.zeros((), device=self.device)
-        bar = _progress_bar(steps, f"epoch {epoch + 1}/{c.epochs}") if progress else None
+        epoch_sums: dict[str, Tensor] = {}
+        window: dict[str, Tensor] = {}
+        since = 0
         lr = c.lr
-        try:
-            for step, (images, _, _) in enumerate(loader):
-                lr = c.lr_at(epoch + (step + 1) / steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(self.device, non_blocking=True)
-                if c.augment:
-                    images = self._augmented(images, epoch, step)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
-                    loss = self._loss(images)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self._update_ema()
-                total += loss.detach().float()
-                if (step + 1) % c.log_every == 0:
-                    value = _finite(loss, epoch, step)
-                    logger.info("epoch %d step %d/%d: loss %.6g, lr %.3g", epoch + 1, step + 1,
-                                steps, value, lr)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{value:.4g}")
-                if bar is not None:
-                    bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
-        return {"epoch": epoch + 1, "loss": _finite(total / steps, epoch, steps - 1), "lr": lr}
+        logged: float | None = None
+        for step, (images, _, _) in enumerate(loader):
+            lr = c.lr_at(epoch + (step + 1) / steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(self.device, non_blocking=True)
+            images = self._augmented(images, epoch, step)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp):
+                loss, terms = self._loss(images, epoch, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * sampler.weight(step)).backward()
+            self.optimizer.step()
+            self._update_ema()
+            for name, value in {"loss": loss, **terms}.items():
+                value = value.detach().float()
+                epoch_sums[name] = epoch_sums[name] + value if name in epoch_sums else value
+                window[name] = window[name] + value if name in window else value
+            since += 1
+            if (step + 1) % c.log_every == 0:
+                values = self._mean_over_ranks(window, since, epoch, step)
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss")
+                report.line(f"epoch {epoch + 1}/{c.epochs} step {step + 1}/{steps}: "
+                            f"loss {values['loss']:.4g} ({shown}), lr {lr:.3g}")
+                report.row({"epoch": epoch + 1, "step": step + 1, "progress": epoch + (step + 1) / steps,
+                            "lr": lr, **values})
+                window, since, logged = {}, 0, values["loss"]
+            report.step(epoch, c.epochs, logged)
+        means = self._mean_over_ranks(epoch_sums, steps, epoch, steps - 1)
+        loss_mean = means.pop("loss")
+        return {"epoch": epoch + 1, "loss": loss_mean, "terms": means, "lr": lr}
 
-    def _loss(self, images: Tensor) -> Tensor:
-        if self.config.mode == "outputs":
+    def _mean_over_ranks(self, sums: Mapping[str, Tensor], count: int, epoch: int,
+                         step: int) -> dict[str, float]:
+        """Means of ``sums / count`` over all ranks, as checked finite floats (a host sync)."""
+        stacked = torch.stack([sums[k] for k in sums]) / count
+        if self.world > 1:
+            torch.distributed.all_reduce(stacked)
+            stacked = stacked / self.world
+        return {k: _finite(v, epoch, step) for k, v in zip(sums, stacked, strict=True)}
+
+    def _loss(self, images: Tensor, epoch: int, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one step and its named terms."""
+        c = self.config
+        raw = self._forward(images)
+        terms: dict[str, Tensor] = {}
+        if c.mode in ("outputs", "hybrid"):
             with torch.no_grad():
-                teacher = _flatten(self.teacher.forward(images), "teacher")
-            student = _flatten(self.student.forward(images), "student")
-            return torch.stack(
-                [F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=True)]
+                teacher = _leaves(self.teacher.forward(images), "teacher")
+            student = _leaves(raw, "student")
+            terms["outputs"] = torch.stack(
+                [F.mse_loss(s.float(), t.float()) for (_, s), (_, t) in zip(student, teacher, strict=True)
+                 if s.is_floating_point()]
             ).sum()
-        targets = self._pseudo_labels(images)
-        return self.student.task_loss(self.student.forward(images), targets)
+        if c.mode in ("pseudo_labels", "hybrid"):
+            g = self._generator(2, epoch, step)
+            targets = self._pseudo_labels(images, g)
+            terms["task"] = self.student.task_loss(raw, targets, generator=g)
+        if c.mode == "hybrid":
+            return terms["outputs"] + c.pseudo_weight * terms["task"], terms
+        return next(iter(terms.values())), terms
 
-    def _pseudo_labels(self, images: Tensor) -> list[Target]:
-        """Teacher detections as targets; degenerate boxes (possible after clipping) dropped."""
-        return detections_as_targets(self.teacher.predict(images, conf=self.config.conf, iou=self.config.iou))
+    def _pseudo_labels(self, images: Tensor, generator: torch.Generator) -> list[Target]:
+        """Teacher detections as targets (degenerate boxes dropped), sampled by score if asked.
+
+        Args:
+            images: float ``[B, 3, H, W]`` in ``[0, 1]``.
+            generator: on the images' device; draws the kept labels under ``score_sampling``.
+
+        Returns:
+            One dict per image, ``"boxes"`` ``[N, 4]`` xyxy pixels and ``"labels"`` ``[N]``.
+        """
+        detections = self.teacher.predict(images, conf=self.config.conf, iou=self.config.iou)
+        if self.config.score_sampling:
+            kept = []
+            for d in detections:
+                keep = torch.rand(d["scores"].shape, generator=generator, device=generator.device) < d["scores"]
+                kept.append({k: v[keep] for k, v in d.items()})
+            detections = kept
+        return detections_as_targets(detections)
+
+    def _generator(self, purpose: int, epoch: int, step: int) -> torch.Generator:
+        """A generator on the training device seeded by ``(seed, purpose, epoch, step, rank)``."""
+        key = _derive_seed(self.config.seed, purpose, epoch, step, self.rank)
+        return torch.Generator(device=self.device).manual_seed(key)
 
     def _augmented(self, images: Tensor, epoch: int, step: int) -> Tensor:
-        """Flip, crop-zoom and colour-jitter ``images``, seeded by (seed, epoch, step)."""
-        g = torch.Generator(device=self.device).manual_seed(
-            _derive_seed(self.config.seed, 1, epoch, step)
-        )
-        no_boxes = images.new_zeros(0, 4)
-        no_index = torch.zeros(0, dtype=torch.long, device=self.device)
-        out = self._augment.forward_packed(images, no_index, no_index, no_boxes, generator=g)[0]
-        return out.clamp_(0, 1)
+        """Mosaic, flip, crop-zoom and colour-jitter ``images`` as configured, seeded by the step.
+
+        Args:
+            images: float ``[B, 3, H, W]`` in ``[0, 1]``; not modified.
+
+        Returns:
+            float ``[B, 3, H, W]`` in ``[0, 1]`` (``images`` itself when nothing is on).
+        """
+        c = self.config
+        if not (c.augment or c.mosaic > 0 or any(c.hsv)):
+            return images
+        g = self._generator(1, epoch, step)
+        if c.mosaic > 0:
+            images = _mosaic(images, c.mosaic, g)
+        if c.augment:
+            no_boxes = images.new_zeros(0, 4)
+            no_index = torch.zeros(0, dtype=torch.long, device=self.device)
+            images = self._augment.forward_packed(images, no_index, no_index, no_boxes, generator=g)[0]
+        if any(c.hsv):
+            images = _colour_jitter(images, c.hsv, g)
+        return images.clamp(0, 1)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -415,19 +547,33 @@ class Distiller:
 
     # checks and I/O -----------------------------------------------------------------------
 
+    def _check_size(self) -> None:
+        """Raise ``ValueError`` unless ``image_size`` is a multiple of both adapters' size divisors."""
+        h, w = self.image_size
+        for name, adapter in (("teacher", self.teacher), ("student", self.student)):
+            divisor = adapter.size_divisor
+            if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+                raise TypeError(f"{name}.size_divisor must be a positive int, got {divisor!r}")
+            if h % divisor or w % divisor:
+                raise ValueError(
+                    f"image_size {h}x{w} is not a multiple of the {name}'s size divisor {divisor}; "
+                    f"use e.g. image_size=({_round_to(h, divisor)}, {_round_to(w, divisor)})"
+                )
+
     def _check_outputs(self) -> None:
-        """Raise ``ValueError`` unless the raw outputs of teacher and student have equal shapes."""
+        """Raise ``ValueError`` unless the raw outputs of teacher and student have equal structure and shapes."""
         x = torch.zeros(1, 3, *self.image_size, device=self.device)
         with torch.no_grad(), _training(self.student.model, False):
-            teacher = _flatten(self.teacher.forward(x), "teacher")
-            student = _flatten(self.student.forward(x), "student")
-        t_shapes = [tuple(t.shape) for t in teacher]
-        s_shapes = [tuple(s.shape) for s in student]
-        if t_shapes != s_shapes:
+            teacher = [(path, tuple(t.shape)) for path, t in _leaves(self.teacher.forward(x), "teacher")]
+            student = [(path, tuple(s.shape)) for path, s in _leaves(self.student.forward(x), "student")]
+        if teacher != student:
+            def shown(leaves: list[tuple[str, tuple[int, ...]]]) -> str:
+                return "[" + ", ".join(f"{path or 'raw'} {shape}" for path, shape in leaves) + "]"
+
             raise ValueError(
-                f"mode='outputs' needs raw outputs of the same shapes, but for one "
-                f"{self.image_size[0]}x{self.image_size[1]} image the teacher gives {t_shapes} "
-                f"and the student {s_shapes}; use mode='pseudo_labels' for a student with "
+                f"mode={self.config.mode!r} needs raw outputs of the same structure and shapes, but for "
+                f"one {self.image_size[0]}x{self.image_size[1]} image the teacher gives {shown(teacher)} "
+                f"and the student {shown(student)}; use mode='pseudo_labels' for a student with "
                 f"another head layout or class count"
             )
 
@@ -468,34 +614,154 @@ class Distiller:
             raise ValueError(f"{path} is not a diode distillation checkpoint; "
                              "use another out folder or resume=False")
         saved, now = state["config"], _plain(dataclasses.asdict(self.config))
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
                 if k not in _RESUME_FREE and saved.get(k) != v]
         if diff:
             raise ValueError(
                 f"checkpoint {path} was written with other settings ({'; '.join(diff)}); "
                 "use the same settings, another out folder, or resume=False to start over"
             )
-        self.student.model.load_state_dict(state["student"])
-        if self._ema is not None:
-            self._ema.model.load_state_dict(state["ema"])
+        try:
+            self.student.model.load_state_dict(state["student"])
+            if self._ema is not None:
+                self._ema.model.load_state_dict(state["ema"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} holds another student architecture ({e}); "
+                             "use another out folder, or resume=False to start over") from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.updates = int(state["epoch"]), int(state["updates"])
         self.history = list(state["history"])
         logger.info("resumed from %s after epoch %d", path, self.epoch)
 
 
-class _EpochShuffle(Sampler[int]):
-    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``; set ``epoch`` first."""
+class _StudentForward(nn.Module):
+    """The student adapter's forward as a module over its model (what DDP wraps)."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, adapter: DetectorAdapter) -> None:
+        super().__init__()
+        self.net = adapter.model
+        self.adapter = adapter
+
+    def forward(self, images: Tensor) -> Any:
+        return self.adapter.forward(images)
+
+
+class _ShardedBatches(Sampler[list[int]]):
+    """This rank's share of each global batch of an epoch permutation; set ``epoch`` first.
+
+    The permutation of ``range(n)`` depends only on ``(seed, epoch)``; it is cut into global
+    batches of ``batch_size`` and rank ``r`` of ``world`` takes the ``r``-th of ``world``
+    near-equal slices of each (a last batch smaller than ``world`` is first repeated cyclically).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world, self.epoch = rank, world, 0
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.batch_size)
 
-    def __iter__(self) -> Iterator[int]:
+    def permutation(self) -> Tensor:
+        """The epoch's order of all ``n`` indices, the same on every rank."""
         g = torch.Generator().manual_seed(_derive_seed(self.seed, 0, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk in self.permutation().split(self.batch_size):
+            yield self._padded(chunk).tensor_split(self.world)[self.rank].tolist()
+
+    def weight(self, step: int) -> float:
+        """This rank's loss weight at ``step``: its share of the global batch times ``world``."""
+        size = max(min(self.batch_size, self.n - step * self.batch_size), self.world)
+        mine = size // self.world + (self.rank < size % self.world)
+        return mine * self.world / size
+
+    def _padded(self, chunk: Tensor) -> Tensor:
+        if len(chunk) >= self.world:
+            return chunk
+        return chunk.repeat(-(-self.world // len(chunk)))[: self.world]
+
+
+class _Reporter:
+    """Progress lines to the logger and ``log.txt``, rows to ``metrics.csv``, and the tqdm bar."""
+
+    def __init__(self, records: RunRecords | None) -> None:
+        self.records = records
+        self.bar: Any = None
+
+    def line(self, text: str) -> None:
+        logger.info(text)
+        if self.records is not None:
+            self.records.log(text)
+
+    def row(self, values: Mapping[str, float | int]) -> None:
+        if self.records is not None:
+            self.records.add_row(values)
+
+    def step(self, epoch: int, epochs: int, loss: float | None = None) -> None:
+        """Advance the bar by one step (showing the latest logged loss)."""
+        if self.bar is None:
+            return
+        self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        self.bar.update()
+
+    def plot(self) -> None:
+        if self.records is not None and self.records.rows:
+            terms = [k for k in self.records.columns if k not in ("epoch", "step", "progress", "lr")]
+            self.records.plot(x="progress", ys=terms, title="distillation loss per logging point (x: epochs)")
+
+
+def _mosaic(images: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Replace each image with probability ``p`` by a 2x2 mosaic of four half-size images of the batch.
+
+    Args:
+        images: float ``[B, 3, H, W]``; not modified.
+        p: probability per image.
+        generator: on the images' device.
+
+    Returns:
+        float ``[B, 3, H, W]``; the four tiles of a mosaic are drawn uniformly from the batch.
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    use = torch.rand(b, generator=generator, device=dev) < p
+    sources = torch.randint(0, b, (b, 4), generator=generator, device=dev)
+    top, left = h // 2, w // 2
+    sizes = ((top, left), (top, w - left), (h - top, left), (h - top, w - left))
+    tiles = [F.interpolate(images[sources[:, k]], size=size, mode="bilinear", align_corners=False,
+                           antialias=True) for k, size in enumerate(sizes)]
+    mosaic = torch.cat((torch.cat(tiles[:2], dim=3), torch.cat(tiles[2:], dim=3)), dim=2)
+    return torch.where(use[:, None, None, None], mosaic, images)
+
+
+def _colour_jitter(images: Tensor, gains: tuple[float, float, float], generator: torch.Generator) -> Tensor:
+    """Per-image hue rotation about the grey axis, then saturation and value scaling.
+
+    Args:
+        images: float ``[B, 3, H, W]`` RGB in ``[0, 1]``; not modified.
+        gains: ``(hue, saturation, value)``: hue turns up to ``hue`` (fraction of a full
+            turn), saturation and value factors in ``[1 - gain, 1 + gain]``.
+        generator: on the images' device.
+
+    Returns:
+        float ``[B, 3, H, W]``, not clamped.
+    """
+    b = images.shape[0]
+    dev = images.device
+    draws = torch.rand(3, b, generator=generator, device=dev) * 2 - 1
+    hue, sat, val = (draws[i] * gains[i] for i in range(3))
+    angle = 2 * math.pi * hue
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    k = torch.full((3,), 1 / math.sqrt(3), device=dev)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=dev) / math.sqrt(3)
+    # Rodrigues' rotation about the grey axis k: cos I + sin [k]x + (1 - cos) k k^T.
+    rotation = cos * torch.eye(3, device=dev) + sin * cross + (1 - cos) * torch.outer(k, k)
+    x = torch.einsum("bij,bjhw->bihw", rotation.to(images.dtype), images)
+    v = x.amax(dim=1, keepdim=True)
+    x = v - (1 + sat)[:, None, None, None] * (v - x)
+    return x * (1 + val)[:, None, None, None]
 
 
 def _derive_seed(*keys: int) -> int:
@@ -503,8 +769,8 @@ def _derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _round_to(size: int, stride: int) -> int:
-    return max(stride, round(size / stride) * stride)
+def _round_to(size: int, divisor: int) -> int:
+    return max(divisor, round(size / divisor) * divisor)
 
 
 def _device_of(adapter: DetectorAdapter, name: str) -> torch.device:
@@ -527,17 +793,27 @@ def _make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _flatten(raw: Any, name: str) -> list[Tensor]:
-    """Raw outputs (a tensor, a sequence or a dict of tensors) as a list of tensors."""
+def _leaves(raw: Any, name: str, path: str = "") -> list[tuple[str, Tensor]]:
+    """The tensors of raw outputs nested in lists, tuples and dicts, with their paths.
+
+    Dict keys are visited in sorted order and ``None`` entries skipped, so two models of
+    the same architecture give the same paths in the same order.
+    """
     if isinstance(raw, Tensor):
-        return [raw]
-    items = list(raw.values()) if isinstance(raw, Mapping) else raw
-    if isinstance(items, Sequence) and all(isinstance(t, Tensor) for t in items):
-        return list(items)
-    raise TypeError(
-        f"mode='outputs' needs the {name}'s raw outputs as a tensor or a list/dict of tensors, "
-        f"got {type(raw).__name__}; use mode='pseudo_labels'"
-    )
+        return [(path, raw)]
+    if raw is None:
+        return []
+    if isinstance(raw, Mapping):
+        items = [(f"{path}[{k!r}]", raw[k]) for k in sorted(raw, key=str)]
+    elif isinstance(raw, (list, tuple)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(raw)]
+    else:
+        where = f" at {path}" if path else ""
+        raise TypeError(
+            f"the outputs modes need the {name}'s raw outputs as tensors, possibly nested in lists, tuples "
+            f"and dicts, but it holds a {type(raw).__name__}{where}; use mode='pseudo_labels'"
+        )
+    return [leaf for sub_path, value in items for leaf in _leaves(value, name, sub_path)]
 
 
 @contextlib.contextmanager
@@ -588,7 +864,18 @@ def _atomic_torch_save(obj: Any, path: PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _progress_bar(total: int, desc: str) -> Any:
+@contextlib.contextmanager
+def _progress(total: int, initial: int, show: bool) -> Iterator[Any]:
+    """A tqdm bar over ``total`` steps (``None`` unless ``show``); meanwhile console log lines print above it."""
+    if not show:
+        yield None
+        return
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger(), logger]):
+            yield bar
+    finally:
+        bar.close()
