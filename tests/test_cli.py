@@ -64,7 +64,7 @@ def test_bad_arguments_fail_clearly(tmp_path: Path, tiny_teacher: list[str],
                                     capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match="--sampler"):
         _synthesize(tmp_path / "a", tiny_teacher, "--sampler", "grid")
-    with pytest.raises(SystemExit, match="--teacher NAME, or --cfg CFG and --weights"):
+    with pytest.raises(SystemExit, match="--teacher SPEC .*, or --cfg CFG and --weights"):
         main(["synthesize", "--out", str(tmp_path / "b"), "--num-images", "1", "--batch-size", "1"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[[stage]]\nresolution = 64\niterations = 0\n")
@@ -72,7 +72,7 @@ def test_bad_arguments_fail_clearly(tmp_path: Path, tiny_teacher: list[str],
         _synthesize(tmp_path / "c", tiny_teacher, "--stages", str(bad))
     assert main(["synthesize", "--teacher", "nope", "--out", str(tmp_path / "d"), "--num-images", "1",
                  "--batch-size", "1"]) == 2
-    assert "unknown pretrained weights 'nope'" in capsys.readouterr().err
+    assert "unknown model 'nope'" in capsys.readouterr().err
 
 
 def test_show_evaluate_and_distill_on_a_synthesized_run(tmp_path: Path, tiny_teacher: list[str],

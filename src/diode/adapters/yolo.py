@@ -65,9 +65,11 @@ class YOLOv3Adapter:
         entry = hub.get_entry(name)
         path = hub.fetch(name, path=weights)
         sha = entry.sha256 or hub.sha256_file(path)
-        model = Darknet(entry.cfg, num_classes=entry.num_classes)
+        if entry.format != "darknet":
+            raise ValueError(f"{name!r} holds {entry.format} weights; load it with diode.hub.load({name!r})")
+        model = Darknet(entry.arch, num_classes=entry.num_classes)
         load_darknet_weights(model, path)
-        source = {"name": name, "cfg": entry.cfg, "weights": str(path), "sha256": sha}
+        source = {"name": name, "cfg": entry.arch, "weights": str(path), "sha256": sha}
         return cls(model, class_names=entry.class_names, source=source).to(device).freeze()
 
     @classmethod
