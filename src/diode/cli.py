@@ -18,27 +18,65 @@ logger = logging.getLogger("diode.cli")
 
 def _add_teacher_args(p: argparse.ArgumentParser, *, flag: str = "--teacher", required: bool = True) -> None:
     dest = flag.lstrip("-").replace("-", "_")
-    p.add_argument(flag, dest=dest, metavar="NAME",
-                   help="registered pretrained weights (see `diode weights list`), e.g. yolov3-tiny")
-    p.add_argument("--cfg", help="darknet cfg: bundled name (yolov3, yolov3-tiny, yolov3-spp) or .cfg path")
-    p.add_argument("--weights", help="weights file: darknet .weights or Ultralytics-archive .pt; with "
-                   f"{flag}, a local copy of the registered file")
-    p.add_argument("--names", help="class names file, one per line (default: COCO names for 80 classes)")
+    p.add_argument(flag, dest=dest, metavar="SPEC",
+                   help="the model: a registered name (see `diode weights list`, e.g. yolov3-tiny, yolov10n), "
+                        "tv:BUILDER (torchvision, e.g. tv:ssdlite320_mobilenet_v3_large, with --weights and "
+                        "--num-classes), yolov8:SPEC (e.g. yolov8:yolov8n with --weights), darknet:CFG, or an "
+                        "Ultralytics checkpoint PATH.pt")
+    p.add_argument("--cfg", help="darknet cfg (bundled name yolov3, yolov3-tiny, yolov3-spp, or a .cfg path) with "
+                   "--weights; the same as " + flag + " darknet:CFG")
+    p.add_argument("--weights", help="weights file for the model: darknet .weights, an Ultralytics .pt, or a "
+                   f"state dict written by diode; with a registered {flag} NAME, a local copy of its file")
+    p.add_argument("--num-classes", type=int, help="class count of a model built from an architecture spec")
+    p.add_argument("--names", help="class names file, one per line (default: the model's, or COCO names for 80 "
+                   "classes)")
     p.set_defaults(_teacher_flag=flag, _teacher_required=required)
 
 
-def _load_teacher(args: argparse.Namespace, device: Any) -> Any:
-    from diode.adapters.yolo import YOLOv3Adapter
-
+def _model_spec(args: argparse.Namespace) -> str:
+    """The spec string of the model flags (``--teacher``/``--model``, or ``--cfg``)."""
     name = getattr(args, args._teacher_flag.lstrip("-").replace("-", "_"))
-    names = _read_names(args.names) if args.names else None
+    if name and args.cfg:
+        raise SystemExit(f"error: give {args._teacher_flag} SPEC or --cfg CFG, not both")
     if name:
-        return YOLOv3Adapter.from_pretrained(name, weights=args.weights, device=device)
-    if not (args.cfg and args.weights):
-        raise SystemExit(f"error: give {args._teacher_flag} NAME, or --cfg CFG and --weights FILE")
-    if Path(args.weights).suffix in (".pt", ".pth"):
-        return YOLOv3Adapter.from_ultralytics(args.cfg, args.weights, class_names=names, device=device)
-    return YOLOv3Adapter.from_darknet(args.cfg, args.weights, class_names=names, device=device)
+        return str(name)
+    if args.cfg and args.weights:
+        return f"darknet:{args.cfg}"
+    raise SystemExit(f"error: give {args._teacher_flag} SPEC (e.g. yolov3-tiny), or --cfg CFG and --weights FILE")
+
+
+def _load_teacher(args: argparse.Namespace, device: Any) -> Any:
+    """A frozen adapter for the model flags (see :func:`diode.adapters.factory.create_adapter`)."""
+    from diode.adapters.factory import create_adapter
+
+    names = _read_names(args.names) if args.names else None
+    return create_adapter(_model_spec(args), weights=args.weights, num_classes=args.num_classes, class_names=names,
+                          device=device)
+
+
+def _load_model(args: argparse.Namespace, device: Any) -> Any:
+    """A model for evaluation: the same specs as a teacher (student weights via --weights student.pt)."""
+    return _load_teacher(args, device)
+
+
+def build_student(spec: str, *, teacher: Any, weights: str | None, device: Any) -> Any:
+    """A trainable student with the teacher's classes: a registered name or an architecture spec.
+
+    A bare darknet cfg name or path (``yolov3-tiny``, ``my.cfg``) is a ``darknet:`` spec here, as a
+    student is built from scratch unless ``weights`` are given.
+    """
+    from diode import hub
+    from diode.adapters.factory import create_adapter
+
+    if spec in hub.REGISTRY and hub.get_entry(spec).format == "darknet" and weights is None:
+        spec = f"darknet:{hub.get_entry(spec).arch}"
+    elif ":" not in spec and spec not in hub.REGISTRY and Path(spec).suffix == ".cfg":
+        spec = f"darknet:{spec}"
+    student = create_adapter(spec, weights=weights, class_names=teacher.class_names, device=device, trainable=True)
+    if student.num_classes != teacher.num_classes:
+        raise SystemExit(f"error: the student {spec} has {student.num_classes} classes, the teacher "
+                         f"{teacher.num_classes}")
+    return student
 
 
 def _read_names(path: str) -> list[str]:
@@ -83,7 +121,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
         for entry in hub.REGISTRY.values():
             cached = (hub.cache_dir() / entry.file_name).exists()
             size = f"{entry.size:,} B" if entry.size else "size not pinned"
-            print(f"{entry.name:12s} cfg={entry.cfg:12s} {size:18s} {'cached' if cached else 'not cached'}  "
+            print(f"{entry.name:12s} {entry.format}:{entry.arch:12s} {size:18s} "
+                  f"{'cached' if cached else 'not cached'}  "
                   f"{entry.description}")
             print(f"{'':12s} sha256={entry.sha256 or '(pinned on first download)'}")
         print(f"cache: {hub.cache_dir()}  (set DIODE_HOME to move it)")
@@ -261,36 +300,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         atomic_write_json(args.json, json.loads(json.dumps(result, default=float)))
     return 0
-
-
-def _load_model(args: argparse.Namespace, device: Any) -> Any:
-    """A model for evaluation: a registered name, cfg + darknet/Ultralytics weights, or cfg + a
-    student ``state_dict`` written by ``diode distill`` (``student.pt``)."""
-    if args.weights and args.cfg and Path(args.weights).suffix in (".pt", ".pth"):
-        import torch
-
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" not in state:
-            names = _read_names(args.names) if args.names else None
-            return _student_from_state(args.cfg, state, names).to(device).freeze()
-    return _load_teacher(args, device)
-
-
-def _student_from_state(cfg: str, state: dict[str, Any], names: list[str] | None) -> Any:
-    """Build the cfg with the class count the state dict's heads imply, and load it."""
-    from diode.adapters.yolo import YOLOv3Adapter
-    from diode.models.yolo import Darknet
-
-    probe = Darknet(cfg)
-    heads = [i for i, d in enumerate(probe.module_defs) if d["type"] == "yolo"]
-    key = f"module_list.{heads[0] - 1}.Conv2d.weight"
-    if key not in state:
-        raise ValueError(f"weights do not fit cfg {cfg!r}: no {key}")
-    anchors = len(probe.anchors[0])
-    num_classes = state[key].shape[0] // anchors - 5
-    adapter = YOLOv3Adapter.from_config(cfg, num_classes=num_classes, class_names=names)
-    adapter.model.load_state_dict(state)
-    return adapter
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
