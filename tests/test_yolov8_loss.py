@@ -159,16 +159,21 @@ def test_exact_values_with_a_single_positive() -> None:
     torch.testing.assert_close(parts["cls"], torch.tensor(0.5 * 16 * NC * math.log(2)))
 
 
+def _minimise(loss: DetectionLoss, feats: list[Tensor], targets: list[dict[str, Tensor]], *, steps: int) -> None:
+    """Adam steps on ``feats`` of a 32x32 input."""
+    opt = torch.optim.Adam(feats, lr=0.3)
+    for _ in range(steps):
+        total, _ = loss(feats, targets, image_size=(32, 32))
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+
+
 def test_dfl_minimum_is_the_two_bins_around_the_target_distance() -> None:
     feats = [torch.zeros(1, 4 * REG_MAX + NC, 4, 4, requires_grad=True)]
     loss = DetectionLoss(num_classes=NC, strides=(8,), topk=1, box=0.0, cls=0.0)
     target = [{"boxes": torch.tensor([[6.0, 6.0, 22.0, 22.0]]), "labels": torch.tensor([1])}]
-    opt = torch.optim.Adam(feats, lr=0.3)
-    for _ in range(60):
-        total, _ = loss(feats, target, image_size=(32, 32))
-        opt.zero_grad()
-        total.backward()
-        opt.step()
+    _minimise(loss, feats, target, steps=60)
     # anchor (12, 12) is row 1, column 1; its sides are 0.75, 0.75, 1.25, 1.25 cells from the box
     prob = feats[0].detach()[0, :4 * REG_MAX, 1, 1].view(4, REG_MAX).softmax(-1)
     torch.testing.assert_close(prob[:, :3], torch.tensor([[0.25, 0.75, 0.0]] * 2 + [[0.0, 0.75, 0.25]] * 2),
@@ -180,12 +185,7 @@ def test_dfl_targets_beyond_the_last_bin_are_clamped() -> None:
     feats = [torch.zeros(1, 4 * reg_max + NC, 8, 8, requires_grad=True)]
     loss = DetectionLoss(num_classes=NC, reg_max=reg_max, strides=(4,), topk=1, box=0.0, cls=0.0)
     target = [{"boxes": torch.tensor([[0.5, 0.5, 31.0, 31.0]]), "labels": torch.tensor([0])}]
-    opt = torch.optim.Adam(feats, lr=0.3)
-    for _ in range(40):
-        total, _ = loss(feats, target, image_size=(32, 32))
-        opt.zero_grad()
-        total.backward()
-        opt.step()
+    _minimise(loss, feats, target, steps=40)
     # anchor (14, 14), row 3, column 3: every side is over 3 cells away, its target is 2.99 cells
     prob = feats[0].detach()[0, :4 * reg_max, 3, 3].view(4, reg_max).softmax(-1)
     assert (prob[:, 3] > 0.9).all() and (prob[:, 3] > 20 * prob[:, 2]).all()
