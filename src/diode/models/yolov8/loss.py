@@ -15,15 +15,15 @@ Written from the published descriptions:
 
 Loss scale: the parts are sums over the batch divided by the sum of the soft
 class targets (clamped to at least 1), so the loss is a mean over the batch's
-targets and does not grow with the batch size. Ultralytics multiplies it by the batch size; diode does not,
-so loss weights (e.g. ``w_task`` of synthesis) keep their meaning at any batch
-size. The forward has no host synchronisation: targets are padded to
-``[B, max N]`` with a mask, and every shape depends only on shapes.
+targets and does not grow with the batch size. The family's trainer multiplies
+it by the batch size; diode does not, so loss weights (e.g. ``w_task`` of
+synthesis) keep their meaning at any batch size. The forward has no host
+synchronisation: targets are padded to ``[B, max N]`` with a mask, and every
+shape depends only on shapes.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -34,8 +34,6 @@ from torch import Tensor, nn
 
 from diode._boxes import validate_targets
 from diode.models.yolov8.boxes import bbox2dist, dfl_expectation, dist2bbox, make_anchors
-
-logger = logging.getLogger(__name__)
 
 
 def complete_iou(boxes1: Tensor, boxes2: Tensor, *, eps: float = 1e-7) -> Tensor:
