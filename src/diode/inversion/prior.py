@@ -73,7 +73,7 @@ def estimate_class_prior(
         num_images: neutral images to average over (``"loss"``, ``"detections"``).
         image_size: side or ``(height, width)`` of the neutral images in pixels.
         conf: score threshold of the detections (``"detections"``).
-        generator: source of the noise images and of any draw ``task_loss`` makes
+        generator: CPU generator, source of the noise images and of any draw ``task_loss`` makes
             (default: a generator seeded with 0, so the estimate is reproducible).
 
     Returns:

@@ -239,7 +239,7 @@ class BBoxSampler:
     Build one with :meth:`onebox`, :meth:`tiles`, :meth:`multibox`, :meth:`from_labels`
     or :meth:`from_statistics`, then call :meth:`sample`. Layouts are normalized, so any
     canvas size works. Every builder takes ``class_prior`` (``[num_classes]``
-    non-negative weights, e.g. :func:`~diode.inversion.prior.estimate_class_prior`).
+    non-negative weights, e.g. :func:`~diode.estimate_class_prior`).
     """
 
     def __init__(
