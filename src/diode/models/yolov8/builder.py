@@ -270,7 +270,7 @@ def _build_layers(layers: Sequence[Any], nc: int, in_channels: int, scale: str |
             if name in _REPEAT_BLOCKS:
                 args.insert(2, n)
                 n = 1
-            if name == "C3k2" and scale is not None and scale in "mlx":
+            if name == "C3k2" and scale in ("m", "l", "x"):
                 args = args + [True] if len(args) < 4 else [*args[:3], True, *args[4:]]
             build: Callable[..., nn.Module] = _CHANNEL_BLOCKS[name]
         elif name in _HEADS:
