@@ -1,6 +1,8 @@
 """Cost of one synthesis iteration against the floor: a bare frozen-teacher forward+backward.
 
-All are timed in this one process on the same batch (yolov3-tiny COCO, 160 px),
+All are timed in this one process on the same batch (by default yolov3-tiny COCO, 160 px;
+``--teachers`` takes any adapter specs, e.g. ``yolov10n`` or ``tv:ssdlite320_mobilenet_v3_large``
+(random init: speed does not depend on the weights), and reports each against its own floor),
 alternating in rounds so machine noise hits them alike; the median per-iteration
 time of each and the median over rounds of the per-round ratios are printed (paired
 ratios: a slow spell of the machine lengthens the bare and the synthesizer timings of
@@ -8,7 +10,8 @@ its round alike). The floor is measured twice: with the
 default (contiguous) memory format, the plain way to run the teacher, and with
 channels-last, the format the synthesizer runs the teacher in.
 
-    python benchmarks/synthesis_speed.py [--batch-sizes 4 32] [--iters 30] [--rounds 7] [--device cpu]
+    python benchmarks/synthesis_speed.py [--teachers yolov3-tiny yolov10n tv:ssdlite320_mobilenet_v3_large]
+        [--batch-sizes 4 32] [--iters 30] [--rounds 7] [--device cpu]
 """
 
 from __future__ import annotations
@@ -16,29 +19,34 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
 import diode
+from diode.adapters.factory import create_adapter
 
 
-def bare_forward_backward(teacher: diode.YOLOv3Adapter, x: torch.Tensor, iters: int,
+def bare_forward_backward(teacher: Any, x: torch.Tensor, targets: list, iters: int,
                           memory_format: torch.memory_format) -> float:
-    """Seconds per iteration of forward + backward w.r.t. the input only (no weight grads)."""
-    teacher.model.to(memory_format=memory_format)
+    """Seconds per iteration of forward + the teacher's own task loss + backward w.r.t. the input only.
+
+    The task loss is part of the floor because some detectors run their heads inside it
+    (two-stage R-CNNs: the adapter's forward stops at the features).
+    """
+    teacher.model.requires_grad_(False).to(memory_format=memory_format)
     x = x.clone().contiguous(memory_format=memory_format).requires_grad_(True)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(iters):
-        out = teacher.forward(x)
-        loss = sum(o.float().mean() for o in out)
+        loss = teacher.task_loss(teacher.forward(x), targets)
         (grad,) = torch.autograd.grad(loss, x)
     sync()
     return (time.perf_counter() - start) / iters
 
 
-def synthesizer_iteration(teacher: diode.YOLOv3Adapter, targets: list, res: int, iters: int,
+def synthesizer_iteration(teacher: Any, targets: list, res: int, iters: int,
                           amp: bool) -> float:
     synth = diode.Synthesizer(teacher, stages=[diode.Stage(res, iters, lr=0.2)], log_every=iters, amp=amp)
     result = synth.run(targets, generator=torch.Generator().manual_seed(0))
@@ -47,6 +55,9 @@ def synthesizer_iteration(teacher: diode.YOLOv3Adapter, targets: list, res: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teachers", nargs="+", default=["yolov3-tiny"],
+                        help="adapter specs (registered names, tv:BUILDER, yolov8:SPEC)")
+    parser.add_argument("--num-classes", type=int, default=91, help="classes of specs built from scratch")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--resolution", type=int, default=160)
     parser.add_argument("--iters", type=int, default=30)
@@ -55,29 +66,36 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    teacher = diode.YOLOv3Adapter.from_pretrained("yolov3-tiny", device=device)
-    sampler = diode.BBoxSampler.onebox(num_classes=teacher.num_classes)
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"resolution={args.resolution} iters/round={args.iters} rounds={args.rounds}")
-    print(f"{'batch':>5} {'bare, contiguous':>17} {'bare, channels_last':>20} {'synthesizer':>12} "
+    print(f"{'teacher':>34} {'batch':>5} {'bare, contiguous':>17} {'bare, channels_last':>20} {'synthesizer':>12} "
           f"{'ratio/contig':>13} {'ratio/cl':>9}   (seconds per iteration)")
-    for bs in args.batch_sizes:
-        g = torch.Generator().manual_seed(0)
-        targets = sampler.sample(bs, image_size=(args.resolution, args.resolution), generator=g)
-        x = torch.rand(bs, 3, args.resolution, args.resolution, generator=g).to(device)
-        contiguous, channels_last = torch.contiguous_format, torch.channels_last
-        bare_forward_backward(teacher, x, 3, contiguous)
-        bare_forward_backward(teacher, x, 3, channels_last)
-        synthesizer_iteration(teacher, targets, args.resolution, 3, args.amp)
-        bare, bare_cl, synth = [], [], []
-        for _ in range(args.rounds):
-            bare.append(bare_forward_backward(teacher, x, args.iters, contiguous))
-            bare_cl.append(bare_forward_backward(teacher, x, args.iters, channels_last))
-            synth.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp))
-        b, bc, s = statistics.median(bare), statistics.median(bare_cl), statistics.median(synth)
-        ratio = statistics.median(sy / ba for sy, ba in zip(synth, bare, strict=True))
-        ratio_cl = statistics.median(sy / ba for sy, ba in zip(synth, bare_cl, strict=True))
-        print(f"{bs:>5} {b:>17.4f} {bc:>20.4f} {s:>12.4f} {ratio:>13.3f} {ratio_cl:>9.3f}", flush=True)
+    for spec in args.teachers:
+        teacher = create_adapter(spec, num_classes=None if spec in diode.hub.REGISTRY else args.num_classes,
+                                 device=device)
+        for bs in args.batch_sizes:
+            _measure(spec, teacher, bs, args, device)
+
+
+def _measure(spec: str, teacher: Any, bs: int, args: argparse.Namespace, device: torch.device) -> None:
+    sampler = diode.BBoxSampler.onebox(num_classes=teacher.num_classes)
+    g = torch.Generator().manual_seed(0)
+    targets = sampler.sample(bs, image_size=(args.resolution, args.resolution), generator=g)
+    x = torch.rand(bs, 3, args.resolution, args.resolution, generator=g).to(device)
+    contiguous, channels_last = torch.contiguous_format, torch.channels_last
+    bare_forward_backward(teacher, x, targets, 3, contiguous)
+    bare_forward_backward(teacher, x, targets, 3, channels_last)
+    synthesizer_iteration(teacher, targets, args.resolution, 3, args.amp)
+    bare, bare_cl, synth = [], [], []
+    for _ in range(args.rounds):
+        bare.append(bare_forward_backward(teacher, x, targets, args.iters, contiguous))
+        bare_cl.append(bare_forward_backward(teacher, x, targets, args.iters, channels_last))
+        synth.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp))
+    b, bc, s = statistics.median(bare), statistics.median(bare_cl), statistics.median(synth)
+    ratio = statistics.median(sy / ba for sy, ba in zip(synth, bare, strict=True))
+    ratio_cl = statistics.median(sy / ba for sy, ba in zip(synth, bare_cl, strict=True))
+    print(f"{spec:>34} {bs:>5} {b:>17.4f} {bc:>20.4f} {s:>12.4f} {ratio:>13.3f} {ratio_cl:>9.3f}",
+          flush=True)
 
 
 if __name__ == "__main__":
