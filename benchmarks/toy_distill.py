@@ -263,6 +263,28 @@ def distill(teacher: diode.DetectorAdapter, student: diode.DetectorAdapter, fold
     return distiller.student_for_eval()
 
 
+def render_data(config: ToyConfig) -> tuple[Tensor, list[dict[str, Tensor]], Tensor, list[dict[str, Tensor]]]:
+    """The teacher's training shapes and the held-out shapes: ``(train_x, train_t, val_x, val_t)``."""
+    shapes = ShapesConfig(image_size=config.image_size)
+    train_x, train_t = render_shapes(config.train_images, config=shapes,
+                                     generator=torch.Generator().manual_seed(config.seed + 1))
+    val_x, val_t = render_shapes(config.val_images, config=shapes,
+                                 generator=torch.Generator().manual_seed(config.seed + 2))
+    return train_x, train_t, val_x, val_t
+
+
+def write_baseline_sources(out: Path, train_x: Tensor, config: ToyConfig) -> dict[str, Path]:
+    """The image folders ``out/real`` (the first training images), ``out/proxy`` and ``out/noise``."""
+    n, size = config.images, config.image_size
+    return {
+        "real": write_image_folder(out / "real", train_x[:n]),
+        "proxy": write_image_folder(
+            out / "proxy", render_proxy(n, image_size=size, generator=torch.Generator().manual_seed(config.seed + 6))),
+        "noise": write_image_folder(
+            out / "noise", render_noise(n, image_size=size, generator=torch.Generator().manual_seed(config.seed + 7))),
+    }
+
+
 def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole benchmark into ``out``; returns what ``results.json`` holds."""
     out.mkdir(parents=True, exist_ok=True)
@@ -274,10 +296,7 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     start = time.perf_counter()
 
     with phase("data", seconds):
-        train_x, train_t = render_shapes(config.train_images, config=shapes,
-                                         generator=torch.Generator().manual_seed(config.seed + 1))
-        val_x, val_t = render_shapes(config.val_images, config=shapes,
-                                     generator=torch.Generator().manual_seed(config.seed + 2))
+        train_x, train_t, val_x, val_t = render_data(config)
 
     with phase("teacher", seconds):
         torch.manual_seed(config.seed)
@@ -291,14 +310,7 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     folders: dict[str, Path] = {}
     inversion: dict[str, float | None] = {}
     with phase("sources", seconds):
-        n = config.images
-        folders["real"] = write_image_folder(out / "data" / "real", train_x[:n])
-        folders["proxy"] = write_image_folder(
-            out / "data" / "proxy",
-            render_proxy(n, image_size=size, generator=torch.Generator().manual_seed(config.seed + 6)))
-        folders["noise"] = write_image_folder(
-            out / "data" / "noise",
-            render_noise(n, image_size=size, generator=torch.Generator().manual_seed(config.seed + 7)))
+        folders.update(write_baseline_sources(out / "data", train_x, config))
     for name, fp, sampler in (("diode", False, "onebox"), ("diode_fp", True, "onebox"),
                               ("diode_tiles", False, "tiles")):
         with phase(f"synthesis_{name}", seconds):
