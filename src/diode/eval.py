@@ -39,7 +39,21 @@ _INSTALL_HINT = 'pip install "diode[eval]"'
 
 
 def _zero_result(classes: Sequence[int]) -> dict[str, Any]:
-    return {"map": 0.0, "map50": 0.0, "map75": 0.0, "per_class": {c: 0.0 for c in classes}}
+    return {"map": 0.0, "map50": 0.0, "map75": 0.0, "per_class": {c: 0.0 for c in classes},
+            "per_class_ap50": {c: 0.0 for c in classes}}
+
+
+@contextlib.contextmanager
+def _quiet_backend() -> Iterator[None]:
+    """Silence the COCO backends meanwhile: pycocotools prints its tables, faster-coco-eval logs them at INFO."""
+    backend_logger = logging.getLogger("faster_coco_eval")
+    level = backend_logger.level
+    backend_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        backend_logger.setLevel(level)
 
 
 def _check_predictions(predictions: Sequence[Target]) -> None:
@@ -103,7 +117,7 @@ def _run_cocoeval(
                 from pycocotools.cocoeval import COCOeval
         except ImportError:
             continue
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _quiet_backend():
             coco_gt = COCO()
             coco_gt.dataset = gt
             coco_gt.createIndex()
@@ -140,8 +154,9 @@ def detection_map(
 
     Returns:
         ``{"map": AP@[.50:.95], "map50": AP@.50, "map75": AP@.75,
-        "per_class": {label: AP@[.50:.95]}}`` as Python floats in ``[0, 1]``;
-        ``per_class`` lists the classes that have ground-truth boxes.
+        "per_class": {label: AP@[.50:.95]}, "per_class_ap50": {label: AP@.50}}``
+        as Python floats in ``[0, 1]``; the per-class dicts list the classes that
+        have ground-truth boxes.
 
     Raises:
         ImportError: neither backend is installed (``pip install "diode[eval]"``).
@@ -181,6 +196,9 @@ def detection_map(
         p = precision[:, :, c, 0, -1]
         p = p[p > -1]
         result["per_class"][c] = float(p.mean()) if p.size else 0.0
+        p50 = precision[0, :, c, 0, -1]  # IoU threshold 0.50 is the first of the ten
+        p50 = p50[p50 > -1]
+        result["per_class_ap50"][c] = float(p50.mean()) if p50.size else 0.0
     return result
 
 

@@ -7,12 +7,18 @@ Layout::
     root/labels/000000.txt    YOLO labels (class cx cy w h, normalized)
     root/batches/000003.json  the commit record of batch 3 (written last)
     root/annotations.json     COCO annotations of every finished image
-    root/preview.png          contact sheet of the first images with their boxes
+    root/preview.png          contact sheet of the first images with their boxes and classes
+    root/log.txt              the job's progress lines (appended to by every run)
+    root/metrics.csv          one row per logging point of every finished batch
+    root/loss.png             each loss term against the iteration, mean over finished batches
 
 Every file is written to a temporary name and renamed into place, and a batch
 counts as finished only once its record exists, so a run killed at any moment
 leaves either a finished batch or nothing of it (stale temporary files are
-removed when the folder is opened again).
+removed when the folder is opened again). :meth:`RunFolder.finalize` rewrites
+``annotations.json``, ``preview.png``, ``metrics.csv``, ``loss.png`` and the
+manifest from the batch records alone, so they always describe exactly the
+finished batches, whichever process or run wrote them.
 """
 
 from __future__ import annotations
@@ -28,8 +34,12 @@ from torch import Tensor
 from diode._boxes import Target
 from diode.data.io import PathLike, atomic_write_json, save_image
 from diode.data.labels import read_yolo_labels, write_coco, write_yolo_labels
+from diode.data.records import RunRecords, plot_curves
 
 logger = logging.getLogger(__name__)
+
+#: Columns of a batch's history that are positions, not loss values.
+_POSITION_KEYS = ("batch", "stage", "iteration", "step", "lr")
 
 #: Config keys that may change between runs into the same folder without
 #: invalidating finished batches (batch i depends only on the seed and i).
@@ -70,6 +80,7 @@ class RunFolder:
         manifest = self.root / "manifest.json"
         if manifest.exists():
             self._check_same_config(json.loads(manifest.read_text())["config"])
+        self.records = RunRecords(self.root, keep=lambda row: True) if primary else None
         if primary:
             self._write_manifest(status="running")
 
@@ -79,12 +90,18 @@ class RunFolder:
                 tmp.unlink(missing_ok=True)
 
     def _check_same_config(self, previous: dict[str, Any]) -> None:
-        keys = (set(previous) | set(self.config)) - RESUMABLE_KEYS
-        diff = sorted(k for k in keys if previous.get(k) != self.config.get(k))
+        old = {k: v for k, v in previous.items() if k not in RESUMABLE_KEYS}
+        new = {k: v for k, v in self.config.items() if k not in RESUMABLE_KEYS}
+        diff = config_changes(old, new)
         if diff:
-            shown = "; ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in diff[:5])
+            shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
             raise ValueError(f"{self.root} holds a run with a different configuration ({shown}); "
                              "use another output folder, or the same arguments to resume")
+
+    def log(self, line: str) -> None:
+        """Append one line to ``log.txt`` (the primary process only; other ranks do nothing)."""
+        if self.records is not None:
+            self.records.log(line)
 
     def _record_path(self, batch_index: int) -> Path:
         return self.root / "batches" / f"{batch_index:06d}.json"
@@ -101,6 +118,15 @@ class RunFolder:
             return False
         return all((self.root / "images" / f).exists() and (self.root / "labels" / (Path(f).stem + ".txt")).exists()
                    for f in rec["images"])
+
+    def discard_batch(self, batch_index: int, *, first_image: int, num_images: int) -> None:
+        """Remove the image and label files of an unfinished batch (no record): after an interrupt,
+        the folder then holds finished batches only. A finished batch is left alone."""
+        if self.record(batch_index) is not None:
+            return
+        for j in range(first_image, first_image + num_images):
+            (self.root / "images" / f"{j:06d}.png").unlink(missing_ok=True)
+            (self.root / "labels" / f"{j:06d}.txt").unlink(missing_ok=True)
 
     def write_batch(self, batch_index: int, images: Tensor, targets: Sequence[Target], *,
                     first_image: int, metrics: dict[str, Any]) -> list[str]:
@@ -138,18 +164,21 @@ class RunFolder:
             "diode_version": __version__, "status": status, "config": self.config,
             "class_names": self.class_names, "batches": batches or {}})
 
-    def finalize(self, num_batches: int, *, preview: int = 16) -> dict[str, Any]:
-        """Write ``annotations.json``, ``preview.png`` and the final manifest.
+    def finalize(self, num_batches: int, *, preview: int = 16, status: str | None = None) -> dict[str, Any]:
+        """Write ``annotations.json``, ``preview.png``, ``metrics.csv``, ``loss.png`` and the manifest.
 
         Args:
             num_batches: batches of the job; the manifest says which finished.
             preview: number of images in the contact sheet (0: none).
+            status: the manifest's status; default ``"complete"`` when every
+                batch finished, else ``"partial"`` (a job passes ``"running"``
+                while it runs and ``"interrupted"`` when stopped by a signal).
 
         Returns:
             The manifest written.
         """
         from diode.data.io import load_image
-        from diode.viz import save_contact_sheet
+        from diode.viz import save_contact_sheet, target_caption
 
         batches: dict[str, Any] = {}
         files: list[tuple[str, int, int]] = []
@@ -167,10 +196,72 @@ class RunFolder:
         if preview and files:
             shown = files[:preview]
             images = [load_image(self.root / "images" / name) for name, _, _ in shown]
-            sizes = {tuple(im.shape) for im in images}
-            if len(sizes) == 1:
-                save_contact_sheet(self.root / "preview.png", images, targets[: len(shown)],
-                                   class_names=self.class_names)
+            captions = [target_caption(t, self.class_names) for t in targets[: len(shown)]]
+            save_contact_sheet(self.root / "preview.png", images, targets[: len(shown)],
+                               class_names=self.class_names, captions=captions)
+        self._write_metrics([b for b in batches.values() if b["status"] == "done"])
         done = all(b["status"] == "done" for b in batches.values())
-        self._write_manifest(status="complete" if done else "partial", batches=batches)
+        self._write_manifest(status=status or ("complete" if done else "partial"), batches=batches)
         return json.loads((self.root / "manifest.json").read_text())
+
+    def _write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """``metrics.csv`` from the finished batches' histories (batch order) and ``loss.png``, their mean."""
+        rows = [row for rec in records for row in history_rows(rec["batch"], rec["metrics"].get("history", []))]
+        metrics = RunRecords(self.root, keep=lambda row: False)
+        for row in rows:
+            metrics.add_row(row)
+        curves: dict[str, dict[float, list[float]]] = {}
+        for row in rows:
+            for term, value in row.items():
+                if term not in _POSITION_KEYS:
+                    curves.setdefault(term, {}).setdefault(float(row["step"]), []).append(float(value))
+        if not curves:
+            return
+        series = {term: [(step, sum(v) / len(v)) for step, v in sorted(points.items())]
+                  for term, points in curves.items()}
+        what = f"mean over {len(records)} batches" if len(records) > 1 else "1 batch"
+        plot_curves(self.root / "loss.png", series, x_label="iteration (all stages)",
+                    title=f"synthesis loss terms, {what}")
+
+
+def history_rows(batch_index: int, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``metrics.csv`` rows of one batch: ``batch``, then each logging record (``stage``,
+    ``iteration`` within the stage, ``lr``, loss terms) with ``step``, the iteration counted
+    over all stages, after ``iteration``."""
+    offsets: dict[int, int] = {}
+    for record in history:
+        stage = int(record["stage"])
+        offsets[stage + 1] = max(offsets.get(stage + 1, 0), int(record["iteration"]))
+    rows = []
+    for record in history:
+        stage = int(record["stage"])
+        start = sum(offsets.get(s, 0) for s in range(1, stage + 1))
+        row: dict[str, Any] = {"batch": batch_index}
+        for key, value in record.items():
+            row[key] = value
+            if key == "iteration":
+                row["step"] = start + int(value)
+        rows.append(row)
+    return rows
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """What differs between two JSON-like configurations, one ``"path: old -> new"`` per changed leaf.
+
+    Example: ``["synthesizer.stages[0].iterations: 200 -> 100"]``.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{path}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{path}: {old[key]!r} -> (absent)")
+            else:
+                out += config_changes(old[key], new[key], path)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = enumerate(zip(old, new, strict=True))
+        return [change for i, (a, b) in pairs for change in config_changes(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [f"{prefix or 'config'}: {old!r} -> {new!r}"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,11 +104,20 @@ def load_darknet_weights(
             f"cutoff must be in [0, {len(model.module_defs)}] (number of layers), got {cutoff}"
         )
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
     raw = np.fromfile(path, dtype=np.uint8)
-    header = _header_size(*_parse_header(raw[:20].tobytes(), path.name)[:2])
+    major, minor, revision, _ = _parse_header(raw[:20].tobytes(), path.name)
+    header = _header_size(major, minor)
     tensors = _conv_tensors(model, cutoff)
     needed = header + 4 * sum(t.numel() for t in tensors)
     if raw.size != needed and (cutoff is None or raw.size < needed):
+        if not all(0 <= v < 1000 for v in (major, minor, revision)):
+            raise ValueError(
+                f"{path.name} is not a darknet .weights file: its header reads version "
+                f"{major}.{minor}.{revision} (darknet writes 0.1.0 or 0.2.0){_text_hint(raw)}; give the "
+                "darknet .weights file of the cfg, or an Ultralytics .pt checkpoint"
+            )
         what = "exactly " if cutoff is None else "at least "
         raise ValueError(
             f"{path.name} has {raw.size:,} bytes but cfg {model.cfg_name!r} with "
@@ -121,6 +131,25 @@ def load_darknet_weights(
             t.copy_(values[offset : offset + n].view_as(t))
             offset += n
     logger.info("loaded %s into %s (%d tensors)", path, model.cfg_name, len(tensors))
+    _warn_if_bad_statistics(model, path.name)
+
+
+def _text_hint(raw: np.ndarray) -> str:
+    head = raw[:40].tobytes()
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"; it starts with text: {head.decode('ascii').splitlines()[0][:30]!r}"
+    return ""
+
+
+def _warn_if_bad_statistics(model: Darknet, name: str) -> None:
+    """Warn when BatchNorm running variances are non-positive or non-finite: such a model detects nothing."""
+    variances = [bn.running_var for bn in model.bn_layers() if isinstance(bn.running_var, Tensor)]
+    bad = [i for i, var in enumerate(variances) if not bool((torch.isfinite(var) & (var > 0)).all())]
+    if bad:
+        logger.warning(
+            "%s: %d of %d BatchNorm layers have non-positive or non-finite running variances (first: "
+            "BatchNorm layer %d): the file does not match cfg %r or is damaged, and the model will not "
+            "detect anything useful", name, len(bad), len(variances), bad[0], model.cfg_name)
 
 
 def save_darknet_weights(
@@ -170,6 +199,43 @@ def save_darknet_weights(
     logger.info("saved %s weights to %s", model.cfg_name, path)
 
 
+def _numpy_globals() -> list[Any]:
+    """The numpy callables a weights-only unpickler may use for scalars and arrays (numpy 1 and 2 names)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: list[Any] = [np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "?")]
+    # Files written under numpy 1 name these numpy.core.multiarray.*, under numpy 2 numpy._core.multiarray.*.
+    allowed += [(multiarray.scalar, f"{m}.scalar") for m in ("numpy.core.multiarray", "numpy._core.multiarray")]
+    allowed += [(multiarray._reconstruct, f"{m}._reconstruct")
+                for m in ("numpy.core.multiarray", "numpy._core.multiarray")]
+    return allowed
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (no code from the file runs), errors as ``ValueError``."""
+    import pickle
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported|Unsupported) (?:GLOBAL|global):? *(?:GLOBAL )?([\w.]+)", str(e))
+        what = f"e.g. {found.group(1)}" if found else "see torch.load"
+        raise ValueError(
+            f"{path.name} cannot be read safely: it holds pickled Python objects beyond tensors, plain "
+            f"containers and numpy values ({what}); diode reads checkpoints with weights_only=True and never "
+            "runs code from a file: re-save it as {'model': model.state_dict()}"
+        ) from e
+    except Exception as e:  # the weights-only unpickler fails on garbage with many exception types
+        raise ValueError(f"{path.name} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:80]}); give "
+                         "an Ultralytics-archive .pt file, or a darknet .weights file with --cfg") from e
+
+
 def load_ultralytics_checkpoint(
     model: Darknet, checkpoint: str | os.PathLike[str] | Mapping[str, Any]
 ) -> None:
@@ -184,14 +250,19 @@ def load_ultralytics_checkpoint(
 
     Args:
         model: a :class:`Darknet` built from the checkpoint's cfg and class count.
-        checkpoint: a ``.pt`` path (loaded with ``weights_only=False``: only
-            load files you trust) or the loaded dict.
+        checkpoint: a ``.pt`` path or the loaded dict. A path is read with
+            ``torch.load(..., weights_only=True)`` plus the numpy scalar and array
+            types the archive's training metadata uses, so opening a file never
+            runs code from it.
 
     Raises:
-        ValueError: missing, unexpected or wrongly shaped keys (a few are listed).
+        FileNotFoundError: the path does not exist.
+        ValueError: not a PyTorch checkpoint, a checkpoint holding pickled Python
+            objects other than tensors, containers and numpy values (e.g. a whole
+            pickled model), or missing, unexpected or wrongly shaped keys (a few are listed).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = _safe_load(Path(checkpoint))
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
     state = checkpoint.get("model", checkpoint)
