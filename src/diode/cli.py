@@ -9,7 +9,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 logger = logging.getLogger("diode.cli")
 
@@ -303,37 +303,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from diode import hub
-    from diode.adapters.yolo import YOLOv3Adapter
+    import torch
+
     from diode.distill import Distiller
     from diode.eval import evaluate
-    from diode.models.yolo import Darknet, load_darknet_weights, save_darknet_weights
+    from diode.models.yolo import Darknet, save_darknet_weights
 
-    device = _device(args.device)
-    teacher = _load_teacher(args, device)
-    cfg = hub.get_entry(args.student).cfg if args.student in hub.REGISTRY else args.student
-    student = YOLOv3Adapter.from_config(cfg, num_classes=teacher.num_classes, class_names=teacher.class_names,
-                                        device=device)
-    if args.student_weights:
-        if Path(args.student_weights).suffix in (".pt", ".pth"):
-            import torch
-
-            student.model.load_state_dict(torch.load(args.student_weights, map_location=device, weights_only=True))
-        else:
-            load_darknet_weights(student.model, args.student_weights)
-    size = (args.image_size, args.image_size) if args.eval_data else None
-    eval_fn = (lambda model, epoch: evaluate(model, args.eval_data, image_size=size)) if args.eval_data else None
-    distiller = Distiller(teacher, student, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
-                          image_size=args.image_size, lr=args.lr, seed=args.seed, amp=args.amp)
-    history = distiller.fit(args.data, out=args.out, eval_fn=eval_fn, progress=not args.quiet)
+    device, distributed = _init_distributed(args.device)
+    primary = not distributed or torch.distributed.get_rank() == 0
+    out = Path(args.out)
+    try:
+        teacher = _load_teacher(args, device)
+        student = build_student(args.student, teacher=teacher, weights=args.student_weights, device=device)
+        size = (args.image_size, args.image_size)
+        eval_fn = (lambda model, epoch: evaluate(model, args.eval_data, image_size=size)) if args.eval_data else None
+        distiller = Distiller(teacher, student, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
+                              image_size=args.image_size, lr=args.lr, seed=args.seed, amp=args.amp, conf=args.conf,
+                              score_sampling=args.score_sampling, mosaic=args.mosaic, hsv=tuple(args.hsv),
+                              augment=not args.no_augment, num_workers=args.workers, log_every=args.log_every)
+        # Interrupted (Ctrl-C, SIGTERM), fit raises the one-line RunInterrupted after the last saved epoch.
+        history = distiller.fit(args.data, out=out, eval_fn=eval_fn, progress=False if args.quiet else None)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if not primary:
+        return 0
     final = distiller.student_for_eval()
-    save_darknet_weights(cast(Darknet, final.model), Path(args.out) / "student.weights")
-    last = history[-1] if history else {}
-    print(f"distilled {cfg} ({args.mode}) for {len(history)} epochs: final loss {last.get('loss', float('nan')):.4f}")
-    if last.get("eval"):
-        print(f"eval on {args.eval_data}: mAP50 {last['eval']['map50']:.4f}  mAP50:95 {last['eval']['map']:.4f}")
-    print(f"student weights: {Path(args.out) / 'student.pt'} (state dict), {Path(args.out) / 'student.weights'} "
-          "(darknet)")
+    summary = [f"distilled {args.student} ({args.mode}) for {len(history)} epochs: final loss "
+               f"{history[-1]['loss']:.4f}" if history else f"distilled {args.student}: nothing to do"]
+    if history and history[-1].get("eval"):
+        scores = history[-1]["eval"]
+        summary.append(f"eval on {args.eval_data}: mAP50 {scores['map50']:.4f}  mAP50:95 {scores['map']:.4f}")
+    weights = f"student weights: {out / 'student.pt'} (state dict)"
+    if isinstance(final.model, Darknet):
+        save_darknet_weights(final.model, out / "student.weights")
+        weights += f", {out / 'student.weights'} (darknet)"
+    summary.append(weights)
+    with (out / "log.txt").open("a", encoding="utf-8") as log:
+        log.write("".join(line + "\n" for line in summary))
+    print("\n".join(summary))
     return 0
 
 
@@ -387,24 +395,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("distill", help="train a student on images with the teacher as the only supervisor")
+    from diode.distill import DistillConfig
+
+    distill_defaults = DistillConfig()
+    p = sub.add_parser("distill", help="train a student on images with the teacher as the only supervisor",
+                       description="Train a student on unlabelled images with the teacher as the only supervisor. "
+                       "Progress: a bar with ETA on a terminal, plain lines every --log-every steps; OUT gets "
+                       "last.pt (resumable), student.pt, log.txt, metrics.csv and loss.png. Ctrl-C or SIGTERM stop "
+                       "after the last finished epoch; re-running the same command resumes. Under `torchrun "
+                       "--nproc_per_node N -m diode distill ...` the N processes share each batch (DDP).")
     _add_teacher_args(p)
-    p.add_argument("--student", required=True, help="student cfg: a bundled/registered name or a .cfg path "
-                   "(random init, the teacher's classes)")
-    p.add_argument("--student-weights", help="initialise the student from these weights (.weights or .pt)")
+    p.add_argument("--student", required=True, help="the student: an architecture spec or registered name as for "
+                   "--teacher (a darknet cfg name or .cfg path builds it from scratch), with the teacher's classes")
+    p.add_argument("--student-weights", help="initialise the student from these weights")
     p.add_argument("--data", required=True, help="image folder (e.g. a synthesis run folder)")
-    p.add_argument("--out", required=True, help="output folder: last.pt (resumable), student.pt, student.weights")
-    p.add_argument("--mode", choices=["outputs", "pseudo_labels"], default="outputs",
-                   help="outputs: MSE on raw heads (same architecture); pseudo_labels: any student")
+    p.add_argument("--out", required=True, help="run folder: last.pt (resumable), student.pt, log.txt, "
+                   "metrics.csv, loss.png (and student.weights for a darknet student)")
+    p.add_argument("--mode", choices=["outputs", "pseudo_labels", "hybrid"], default=distill_defaults.mode,
+                   help="outputs: MSE on raw outputs (same head layout); pseudo_labels: the teacher's detections "
+                        "train the student's own loss (any student with the teacher's classes); hybrid: both "
+                        f"(default {distill_defaults.mode})")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=160, help="training resolution (multiple of 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step, over all processes together "
+                   "under torchrun (default 16)")
+    p.add_argument("--image-size", type=int, default=160, help="training resolution, a multiple of both models' "
+                   "size divisor (default 160)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--conf", type=float, default=distill_defaults.conf,
+                   help=f"score threshold of the pseudo labels (default {distill_defaults.conf})")
+    p.add_argument("--score-sampling", action=argparse.BooleanOptionalAction, default=distill_defaults.score_sampling,
+                   help="keep each pseudo label with probability equal to its score (soft targets)")
+    p.add_argument("--mosaic", type=float, default=distill_defaults.mosaic,
+                   help=f"probability of a 2x2 mosaic per image (default {distill_defaults.mosaic})")
+    p.add_argument("--hsv", type=float, nargs=3, metavar=("H", "S", "V"), default=list(distill_defaults.hsv),
+                   help="colour jitter gains: hue turn, saturation and value factors (default "
+                        f"{' '.join(map(str, distill_defaults.hsv))}; 0 0 0: off)")
+    p.add_argument("--no-augment", action="store_true", help="no flip, crop and brightness/contrast jitter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-data", help="labelled folder evaluated after every epoch")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workers", type=int, default=0, help="image loading processes (default 0)")
+    p.add_argument("--log-every", type=int, default=distill_defaults.log_every,
+                   help=f"print a progress line every this many steps (default {distill_defaults.log_every})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no progress lines")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="COCO mAP of a model on a labelled folder")

@@ -38,7 +38,9 @@ import io
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -51,10 +53,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from diode._boxes import Target, detections_as_targets
+from diode._interrupt import RunInterrupted, signal_number
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike, atomic_write_bytes
-from diode.data.records import RunRecords
+from diode.data.records import LOG, METRICS, PLOT, RunRecords
 from diode.inversion.augment import AugmentationPipeline
 from diode.inversion.job import _barrier, _rank_and_world
 
@@ -368,6 +371,7 @@ class Distiller:
         primary = self.rank == 0
         records = None
         if out is not None and primary:
+            _remove_stale_temporaries(Path(out))
             done = self.epoch
             records = RunRecords(out, keep=(lambda row: int(row["epoch"]) <= done) if done else None)
         sampler = _ShardedBatches(len(folder), c.batch_size, c.seed, self.rank, self.world)
@@ -377,7 +381,7 @@ class Distiller:
             persistent_workers=c.num_workers > 0,
         )
         steps = len(loader)
-        report = _Reporter(records)
+        report = _Reporter(records, primary)
         split = f" ({self.world} processes)" if self.world > 1 else ""
         if self.epoch:
             report.line(f"resuming: {self.epoch}/{c.epochs} epochs already done")
@@ -385,7 +389,7 @@ class Distiller:
                     f"{steps} steps per epoch, epochs {self.epoch + 1}-{c.epochs}")
         show = (sys.stderr.isatty() if progress is None else progress) and primary
         self.teacher.model.eval()
-        with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar:
+        with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar, _stopped_after(self):
             for epoch in range(self.epoch, c.epochs):
                 sampler.epoch = epoch
                 start = time.perf_counter()
@@ -399,8 +403,9 @@ class Distiller:
                 report.line(f"epoch {self.epoch}/{c.epochs} done: loss {entry['loss']:.4g}, "
                             f"lr {entry['lr']:.3g}, {time.perf_counter() - start:.1f} s{scores}")
                 if out is not None and primary:
-                    self._save_checkpoint(Path(out))
-                    report.plot()
+                    with _signals_deferred():
+                        self._save_checkpoint(Path(out))
+                        report.plot()
         _barrier(self.world)
         return list(self.history)
 
@@ -683,14 +688,16 @@ class _ShardedBatches(Sampler[list[int]]):
 
 
 class _Reporter:
-    """Progress lines to the logger and ``log.txt``, rows to ``metrics.csv``, and the tqdm bar."""
+    """Progress lines to the logger (rank 0) and ``log.txt``, rows to ``metrics.csv``, and the tqdm bar."""
 
-    def __init__(self, records: RunRecords | None) -> None:
+    def __init__(self, records: RunRecords | None, primary: bool) -> None:
         self.records = records
+        self.primary = primary
         self.bar: Any = None
 
     def line(self, text: str) -> None:
-        logger.info(text)
+        if self.primary:
+            logger.info(text)
         if self.records is not None:
             self.records.log(text)
 
@@ -864,6 +871,48 @@ def _atomic_torch_save(obj: Any, path: PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files a killed run left behind (atomic writes are ``.NAME.*.tmp``)."""
+    for name in (CHECKPOINT, STUDENT_WEIGHTS, LOG, METRICS, PLOT):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving in the block take effect right after it (so a checkpoint is whole).
+
+    Outside the main thread, or for a signal whose handler was not set from Python, nothing is deferred.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])
+
+
+@contextlib.contextmanager
+def _stopped_after(distiller: Distiller) -> Iterator[None]:
+    """Turn a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under the CLI) into the one-line :class:`RunInterrupted`."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(
+            f"interrupted after {distiller.epoch}/{distiller.config.epochs} epochs; re-run the same command to resume",
+            signum=signal_number(e),
+        ) from e
+
+
 @contextlib.contextmanager
 def _progress(total: int, initial: int, show: bool) -> Iterator[Any]:
     """A tqdm bar over ``total`` steps (``None`` unless ``show``); meanwhile console log lines print above it."""
@@ -873,9 +922,13 @@ def _progress(total: int, initial: int, show: bool) -> Iterator[Any]:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    chain, current = [], logger
+    while current is not None:  # this logger and every ancestor its records reach
+        chain.append(current)
+        current = current.parent if current.propagate else None  # type: ignore[assignment]
     bar = tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger(), logger]):
+        with logging_redirect_tqdm(loggers=chain):
             yield bar
     finally:
         bar.close()
