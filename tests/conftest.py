@@ -34,7 +34,11 @@ def real_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def real_images() -> Path:
-    """Darknet's sample photos (dog.jpg, ...): $DIODE_TEST_IMAGES, the cache, or Debian's darknet package."""
+    """Darknet's sample photos (dog.jpg, ...): $DIODE_TEST_IMAGES, the cache, or Debian's darknet package.
+
+    Runs only when a test asks for it (never at collection), never refreshes the package lists
+    (no ``apt-get update``) and skips with the reason and the fix when the photos cannot be had.
+    """
     from diode import hub
 
     env = os.environ.get("DIODE_TEST_IMAGES")
@@ -42,16 +46,22 @@ def real_images() -> Path:
     for folder in (Path(env) if env else None, cached):
         if folder is not None and (folder / "dog.jpg").is_file():
             return folder
+    how = ("set DIODE_TEST_IMAGES to a folder holding darknet's dog.jpg, or copy the photos of darknet's data/ "
+           f"folder to {cached}")
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        _unavailable(f"darknet sample photos unavailable: no apt-get/dpkg-deb to fetch Debian's darknet package; {how}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            download = ["apt-get", "download", "darknet"]
-            if subprocess.run(download, cwd=tmp, capture_output=True, timeout=120).returncode != 0:
-                subprocess.run(["apt-get", "update"], capture_output=True, timeout=300)  # a new machine's lists
-                subprocess.run(download, cwd=tmp, check=True, capture_output=True, timeout=120)
+            download = subprocess.run(["apt-get", "download", "darknet"], cwd=tmp, capture_output=True, text=True,
+                                      timeout=120)
+            if download.returncode != 0:
+                reason = (download.stderr.strip().splitlines() or ["no output"])[-1]
+                _unavailable(f"darknet sample photos unavailable (offline, or no package lists: `apt-get download "
+                             f"darknet` said {reason!r}); {how}")
             deb = next(Path(tmp).glob("darknet_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), tmp + "/x"], check=True, capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError, StopIteration) as e:
-            _unavailable(f"darknet sample photos unavailable (apt-get download darknet failed: {e})")
+            _unavailable(f"darknet sample photos unavailable (apt-get download darknet failed: {e}); {how}")
         cached.mkdir(parents=True, exist_ok=True)
         for jpg in (Path(tmp) / "x/usr/share/darknet/data").glob("*.jpg"):
             shutil.copy(jpg, cached / jpg.name)

@@ -224,6 +224,62 @@ def test_ultralytics_checkpoint_key_errors():
         load_ultralytics_checkpoint(Darknet(CFG), [1, 2])  # type: ignore[arg-type]
 
 
+def test_ultralytics_checkpoint_with_numpy_metadata(tmp_path: Path):
+    src = _random_model(4)
+    path = tmp_path / "best.pt"
+    torch.save({"epoch": 9, "best_fitness": np.float64(0.42), "fitness_curve": np.array([0.1, 0.4]),
+                "training_results": "   9/272 ...", "model": _ultralytics_state(src), "optimizer": None}, path)
+    dst = Darknet(CFG)
+    load_ultralytics_checkpoint(dst, path)
+    _assert_same_state(src, dst)
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code a crafted file runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path: Path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "crafted.pt"
+    torch.save({"model": _ultralytics_state(_random_model()), "payload": _RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match="cannot be read safely.*weights_only=True"):
+        load_ultralytics_checkpoint(Darknet(CFG), path)
+    assert not marker.exists()
+
+
+def test_files_that_are_not_checkpoints_or_weights(tmp_path: Path):
+    text = tmp_path / "notes.weights"
+    text.write_text("these are my notes, not weights\n" * 3)
+    with pytest.raises(ValueError, match="not a darknet .weights file.*starts with text: 'these are my notes"):
+        load_darknet_weights(Darknet(CFG), text)
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        load_ultralytics_checkpoint(Darknet(CFG), text)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_ultralytics_checkpoint(Darknet(CFG), tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_darknet_weights(Darknet(CFG), tmp_path / "missing.weights")
+
+
+def test_garbage_batchnorm_statistics_give_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    good = tmp_path / "good.weights"
+    save_darknet_weights(_random_model(), good)
+    with caplog.at_level("WARNING", logger="diode"):
+        load_darknet_weights(Darknet(CFG), good)
+    assert not caplog.records
+    garbage = tmp_path / "garbage.weights"
+    values = np.random.default_rng(0).normal(size=FLOATS).astype("<f4")  # right size, wrong contents
+    garbage.write_bytes(np.array([0, 2, 0], "<i4").tobytes() + np.array([0], "<i8").tobytes() + values.tobytes())
+    with caplog.at_level("WARNING", logger="diode"):
+        load_darknet_weights(Darknet(CFG), garbage)
+    assert "2 of 2 BatchNorm layers have non-positive or non-finite running variances" in caplog.text
+
+
 @pytest.mark.slow
 def test_real_yolov3_tiny_weights(real_weights: Path):
     assert read_darknet_header(real_weights)[:3] == (0, 2, 0)

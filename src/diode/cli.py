@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger("diode.cli")
 
@@ -135,29 +137,67 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    import torch
-
     from diode.data.io import load_image, save_image
     from diode.viz import draw_detections
 
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the annotated images")
+    paths = _image_paths(args.images)
     device = _device(args.device)
     teacher = _load_teacher(args, device)
-    out = Path(args.out) if args.out else None
-    for image_path in args.images:
+    for image_path in paths:
         image = load_image(image_path)
-        det = teacher.detect(image, size=args.size, conf=args.conf, iou=args.iou)
-        det = {k: v.cpu() for k, v in det.items()}
+        det = _detect(teacher, image.to(device), size=args.size, conf=args.conf, iou=args.iou)
         print(f"{image_path}: {len(det['scores'])} detections")
         rows = zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True)
         for box, score, label in rows:
             x1, y1, x2, y2 = (round(v, 1) for v in box)
             print(f"  {teacher.class_names[label]:15s} {score:.3f}  [{x1}, {y1}, {x2}, {y2}]")
         if out is not None:
-            drawn = draw_detections(image, det, class_names=teacher.class_names)
-            target = out / (Path(image_path).stem + ".png")
-            save_image(target, drawn.to(torch.uint8))
+            target = out / image_path.name  # same name and format as the input (a JPEG stays a JPEG)
+            save_image(target, draw_detections(image, det, class_names=teacher.class_names))
             print(f"  wrote {target}")
     return 0
+
+
+def _image_paths(specs: Sequence[str]) -> list[Path]:
+    """Image files from ``detect``'s arguments: files, folders (their images, sorted) and glob patterns."""
+    import glob
+
+    from diode.data.folder import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise SystemExit(f"error: folder {path} has no images ({'/'.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not found:
+                raise SystemExit(f"error: no files match {spec!r}")
+            paths += found
+        else:
+            raise SystemExit(f"error: image {spec} does not exist")
+    return paths
+
+
+def _detect(teacher: Any, image: Any, *, size: int, conf: float, iou: float) -> dict[str, Any]:
+    """Detections in one photograph of any size: letterboxed to ``size`` for the model, boxes
+    mapped back to the photograph's pixels; tensors on the CPU."""
+    from diode.adapters.yolo import letterbox
+
+    boxed, scale, (pad_x, pad_y) = letterbox(image, size)
+    det = teacher.predict(boxed[None], conf=conf, iou=iou)[0]
+    boxes = det["boxes"].detach().cpu().clone()
+    boxes[:, 0::2] = ((boxes[:, 0::2] - pad_x) / scale).clamp(0, image.shape[2])
+    boxes[:, 1::2] = ((boxes[:, 1::2] - pad_y) / scale).clamp(0, image.shape[1])
+    return {"boxes": boxes, "scores": det["scores"].detach().cpu(), "labels": det["labels"].detach().cpu()}
 
 
 def _stages_from_args(args: argparse.Namespace) -> list[Any]:
@@ -218,17 +258,22 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from diode.inversion.sampler import FPSampling
     from diode.inversion.synthesizer import Synthesizer
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the run")
+    for flag in ("num_images", "batch_size", "log_every"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    stages = _stages_from_args(args)
     device, distributed = _init_distributed(args.device)
     teacher = _load_teacher(args, device)
-    stages = _stages_from_args(args)
     fp = FPSampling(warmup=args.fp_warmup, every=args.fp_every) if args.fp_sampling else None
     synth = Synthesizer(teacher, loss=DeepInversionLoss(teacher), stages=stages, fp_sampling=fp,
-                        log_every=args.log_every, amp=args.amp, compile=args.compile,
-                        progress=not args.quiet)
+                        log_every=args.log_every, amp=args.amp, compile=args.compile)
     sampler = _sampler_from_args(args.sampler, teacher.num_classes)
     try:
-        manifest = synthesize_dataset(synth, sampler, args.out, num_images=args.num_images,
-                                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+        manifest = synthesize_dataset(synth, sampler, out, num_images=args.num_images, batch_size=args.batch_size,
+                                      seed=args.seed, progress=False if args.quiet else None)
     finally:
         if distributed:
             import torch.distributed as dist
@@ -236,35 +281,78 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if not manifest:
         return 0
+    lines = _synthesis_summary(manifest, teacher, out, batch_size=args.batch_size)
+    for line in lines:
+        print(line)
+    _append_log(out, lines)
+    return 0
+
+
+def _synthesis_summary(manifest: dict[str, Any], teacher: Any, out: Path, *, batch_size: int) -> list[str]:
+    """The closing lines of ``diode synthesize``: what was written and its two quality numbers, labelled."""
     done = [b for b in manifest["batches"].values() if b["status"] == "done"]
     maps = [b["metrics"]["inversion_map50"] for b in done if b["metrics"].get("inversion_map50") is not None]
     spi = [b["metrics"]["seconds_per_iteration"] for b in done]
     images = sum(len(b["images"]) for b in done)
-    print(f"wrote {images} images to {args.out} ({manifest['status']})")
+    lines = [f"wrote {images} images to {out} ({manifest['status']}); preview: {out / 'preview.png'}, "
+             f"loss curves: {out / 'loss.png'}"]
+    try:
+        from diode.eval import evaluate
+
+        score = evaluate(teacher, out, batch_size=batch_size)
+        lines.append(f"teacher mAP50 {score['map50']:.3f}, mAP50:95 {score['map']:.3f} on the {images} saved images "
+                     f"(what `diode evaluate` reports on {out}: conf 0.001, NMS IoU 0.6, all images at once)")
+    except ImportError as e:
+        lines.append(f"teacher mAP on the saved images: skipped ({e})")
     if maps:
-        print(f"inversion mAP50: mean {statistics.mean(maps):.3f} (min {min(maps):.3f}, max {max(maps):.3f})")
+        ev = manifest["config"].get("synthesizer", {}).get("eval", {})
+        lines.append(f"inversion mAP50 during synthesis: mean {statistics.mean(maps):.3f} over {len(maps)} batches "
+                     f"(min {min(maps):.3f}, max {max(maps):.3f}; per batch, before saving as 8-bit PNG, "
+                     f"conf {ev.get('conf', '?')}, NMS IoU {ev.get('iou', '?')})")
     if spi:
-        print(f"seconds per iteration: {statistics.median(spi):.4f} (median over {len(spi)} batches)")
-    print(f"preview: {Path(args.out) / 'preview.png'}")
-    return 0
+        lines.append(f"seconds per iteration: {statistics.median(spi):.4f} (median over {len(spi)} batches)")
+    return lines
+
+
+def _append_log(root: Path, lines: Sequence[str]) -> None:
+    """Append lines the command printed to the run folder's ``log.txt``."""
+    from diode.data.records import RunRecords
+
+    records = RunRecords(root, keep=lambda row: True)
+    for line in lines:
+        records.log(line)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    import torch
-
     from diode.data.folder import DetectionFolder
-    from diode.viz import save_contact_sheet
+    from diode.viz import save_contact_sheet, target_caption
 
+    if args.num < 1:
+        raise SystemExit(f"error: --num must be >= 1, got {args.num}")
     data = DetectionFolder(args.data, image_size=(args.size, args.size) if args.size else None)
+    device = _device(args.device) if args.detections else None
+    teacher = _load_teacher(args, device) if args.detections else None
     n = min(args.num, len(data))
     items = [data[i] for i in range(n)]
-    sizes = {tuple(im.shape) for im, _, _ in items}
-    if len(sizes) > 1:
-        raise SystemExit(f"error: images in {args.data} differ in size; pass --size to resize them")
     names = _read_names(args.names) if args.names else _dataset_names(Path(args.data), data)
+    if teacher is not None:
+        names = names or list(teacher.class_names)
     out = Path(args.out) if args.out else Path(args.data) / "contact_sheet.png"
-    save_contact_sheet(out, torch.stack([im for im, _, _ in items]), [t for _, t, _ in items], class_names=names)
-    print(f"wrote {out} ({n} images)")
+    images, targets, captions = [], [], []
+    for image, target, _ in items:
+        images.append(image)
+        targets.append(target)
+        captions.append(("labels: " if teacher is not None else "") + target_caption(target, names))
+        if teacher is not None:
+            det = teacher.predict(image[None].to(device), conf=args.conf, iou=args.iou)[0]
+            det = {k: v.detach().cpu() for k, v in det.items()}
+            images.append(image)
+            targets.append(det)
+            captions.append("teacher: " + target_caption(det, names))
+    per_row = math.ceil(n**0.5) * (2 if teacher is not None else 1)
+    save_contact_sheet(out, images, targets, class_names=names, captions=captions, nrow=per_row)
+    what = ", each next to the teacher's detections" if teacher is not None else ""
+    print(f"wrote {out} ({n} images{what})")
     return 0
 
 
@@ -282,8 +370,6 @@ def _dataset_names(root: Path, data: Any) -> list[str] | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from diode.eval import evaluate
 
     device = _device(args.device)
@@ -291,15 +377,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     size = (args.size, args.size) if args.size else None
     result = evaluate(model, args.data, batch_size=args.batch_size, image_size=size, conf=args.conf,
                       iou=args.iou)
-    names = model.class_names
-    print(f"mAP50 {result['map50']:.4f}  mAP50:95 {result['map']:.4f}  mAP75 {result['map75']:.4f}")
-    for cls, ap in sorted(result["per_class"].items()):
-        print(f"  {names[int(cls)]:15s} AP {ap:.4f}")
+    classes = _per_class_rows(result, model.class_names)
+    print(f"mAP50 {result['map50']:.4f}  mAP50:95 {result['map']:.4f}  mAP75 {result['map75']:.4f}  "
+          f"({len(classes)} classes with labels)")
+    if classes:
+        width = max(15, *(len(c["name"]) for c in classes))
+        print(f"  {'class':{width}s}  {'AP50':>6s}  {'AP50:95':>7s}   (sorted by AP50)")
+        for c in classes:
+            print(f"  {c['name']:{width}s}  {c['ap50']:6.4f}  {c['ap50_95']:7.4f}")
     if args.json:
         from diode.data.io import atomic_write_json
 
-        atomic_write_json(args.json, json.loads(json.dumps(result, default=float)))
+        atomic_write_json(args.json, {"map50": result["map50"], "map": result["map"], "map75": result["map75"],
+                                      "per_class": {str(k): v for k, v in result["per_class"].items()},
+                                      "classes": classes})
     return 0
+
+
+def _per_class_rows(result: dict[str, Any], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-class AP50 and AP50:95 with class names, best AP50 first (ties by name)."""
+    rows = [{"id": int(c), "name": str(names[int(c)]) if int(c) < len(names) else str(c),
+             "ap50": float(result["per_class_ap50"][c]), "ap50_95": float(ap)}
+            for c, ap in result["per_class"].items()]
+    return sorted(rows, key=lambda r: (-r["ap50"], r["name"]))
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -351,10 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``diode`` command."""
     from diode import __version__
 
-    parser = argparse.ArgumentParser(prog="diode", description="Data-free knowledge distillation for object "
-                                     "detection: synthesize a dataset from a detector, distill a student.")
+    parser = _Parser(prog="diode", description="Data-free knowledge distillation for object detection: synthesize "
+                     "a dataset from a detector, distill a student. Input errors print one line `error: ...` and "
+                     "exit with status 2; Ctrl-C / SIGTERM stop a job with one line and status 130 / 143.")
     parser.add_argument("--version", action="version", version=f"diode {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging: -v debug lines of diode, -vv of every library")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("weights", help="list or fetch pretrained weights")
@@ -366,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="run a detector on images, print and draw detections")
     _add_teacher_args(p)
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", help="folder for annotated images")
+    p.add_argument("images", nargs="+", help="image files, folders of images, or glob patterns ('photos/*.jpg')")
+    p.add_argument("--out", help="folder for the annotated images (same file names and formats as the inputs)")
     p.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
     p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
     p.add_argument("--size", type=int, default=416, help="network input size (default 416)")
@@ -391,8 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--log-every", type=int, default=100, metavar="N",
+                   help="every N iterations: a progress line (terminal and log.txt), a metrics.csv row and a "
+                        "progress bar update; also the only host syncs of the loop (default 100)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress lines (log.txt still gets them); the summary stays")
     p.set_defaults(func=cmd_synthesize)
 
     from diode.distill import DistillConfig
@@ -451,30 +556,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, default=0.001)
     p.add_argument("--iou", type=float, default=0.6)
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="also write the results to this JSON file (map50, map, map75, per-class AP50 "
+                   "and AP50:95 with names)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("show", help="contact sheet of a dataset folder with its labels")
     p.add_argument("data", help="dataset folder (a run folder, images/+labels/, or images)")
     p.add_argument("--out", help="PNG to write (default DATA/contact_sheet.png)")
     p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--size", type=int, default=0, help="resize images to SIZE x SIZE (0: keep)")
-    p.add_argument("--names", help="class names file")
+    p.add_argument("--size", type=int, default=0, help="resize images to SIZE x SIZE (default 0: keep; images of "
+                   "different sizes are fitted into the largest cell)")
+    p.add_argument("--detections", action="store_true",
+                   help="show each image twice: its labels, then the detections of the model given with --teacher "
+                        "(or --cfg/--weights)")
+    _add_teacher_args(p, required=False)
+    p.add_argument("--conf", type=float, default=0.25, help="score threshold of --detections (default 0.25)")
+    p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold of --detections (default 0.45)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (for --detections)")
     p.set_defaults(func=cmd_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``diode`` command."""
+    """Entry point of the ``diode`` command; returns the exit status.
+
+    0: done; 2: an input error, printed as one line ``error: ...``; 130 / 143: stopped by
+    SIGINT / SIGTERM, printed as one line (a synthesis or distillation job saves its state first).
+    """
+    from diode._interrupt import RunInterrupted, signal_number, sigterm_as_interrupt
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or an input error argparse already printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        with _cli_logging(args.verbose, quiet=getattr(args, "quiet", False)), sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        print(str(e) if isinstance(e, RunInterrupted) else "interrupted", file=sys.stderr)
+        return 128 + signal_number(e)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code if e.code.startswith("error: ") else f"error: {e.code}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, ``error: ...`` with where to read more, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class _LineFormatter(logging.Formatter):
+    """Plain lines for people: INFO as is, other levels prefixed (``warning: ...``, ``debug diode.x: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno == logging.INFO:
+            return message
+        if record.levelno < logging.INFO:
+            return f"debug {record.name}: {message}"
+        return f"{record.levelname.lower()}: {message}"
+
+
+@contextlib.contextmanager
+def _cli_logging(verbose: int, *, quiet: bool) -> Iterator[None]:
+    """Meanwhile, ``diode.*`` loggers print plain lines on stderr: progress and downloads (INFO) by
+    default, warnings only with ``--quiet``, debug lines with ``-v``; other libraries print warnings
+    (everything with ``-vv``). The previous logging setup is restored afterwards."""
+    package, root = logging.getLogger("diode"), logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter())
+    other = logging.StreamHandler(sys.stderr)
+    other.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = (package.level, package.propagate, root.level)
+    package.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    package.propagate = False
+    package.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    root.addHandler(other)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        root.removeHandler(other)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+        root.setLevel(saved[2])
 
 
 if __name__ == "__main__":

@@ -239,9 +239,8 @@ class _ProgressBar:
 
             self._stack.enter_context(logging_redirect_tqdm([logging.getLogger(), logging.getLogger("diode")]))
             self.bar = self._stack.enter_context(
-                tqdm(total=self.total, initial=self.initial, desc="synthesize", dynamic_ncols=True,
-                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]"))
-            self.bar.set_postfix_str(self._count(), refresh=True)
+                tqdm(total=self.total, initial=self.initial, desc=self._count(), dynamic_ncols=True,
+                     bar_format="{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -255,7 +254,7 @@ class _ProgressBar:
         if self.bar is None:
             return
         self.images += images
-        self.bar.set_postfix_str(f"{self._count()}, {text}", refresh=False)
+        self.bar.set_description_str(f"{self._count()}, {text}", refresh=False)
         self.bar.update(images)
 
     def _count(self) -> str:

@@ -130,7 +130,7 @@ def load_darknet_weights(
             n = t.numel()
             t.copy_(values[offset : offset + n].view_as(t))
             offset += n
-    logger.info("loaded %s into %s (%d tensors)", path, model.cfg_name, len(tensors))
+    logger.debug("loaded %s into %s (%d tensors)", path, model.cfg_name, len(tensors))
     _warn_if_bad_statistics(model, path.name)
 
 
@@ -300,7 +300,7 @@ def load_ultralytics_checkpoint(
     model.load_state_dict(dict(state), strict=False)
     for bn in model.bn_layers():
         bn.eps = ULTRALYTICS_BN_EPS
-    logger.info(
+    logger.debug(
         "loaded an Ultralytics checkpoint into %s (BatchNorm eps set to %g)",
         model.cfg_name,
         ULTRALYTICS_BN_EPS,
