@@ -114,6 +114,7 @@ def test_stage_rejects_unknown_loss_options_up_front() -> None:
         Stage(64, 10, loss={"w_tv": 1.0})
 
 
+@pytest.mark.slow  # torch.compile takes over a minute on 2 CPU cores
 def test_compiled_teacher_gives_the_eager_loss() -> None:
     """``compile=True`` (inductor; about 40 s on CPU) with the fused BatchNorm forward of the loss."""
     targets = onebox_targets(2)
