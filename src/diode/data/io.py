@@ -85,7 +85,7 @@ def image_to_uint8(image: Tensor) -> Tensor:
 
 
 def save_image(path: PathLike, image: Tensor) -> None:
-    """Save one RGB image atomically; the format follows the suffix (use ``.png``: lossless).
+    """Save one RGB image atomically; the format follows the suffix (``.png``: lossless; JPEG at quality 95).
 
     Args:
         path: destination file, e.g. ``images/000001.png``.
@@ -101,7 +101,7 @@ def save_image(path: PathLike, image: Tensor) -> None:
         raise ValueError(f"path {path} has no image suffix PIL can write; use .png (lossless)")
     array = image_to_uint8(image).permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
+    Image.fromarray(array).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     atomic_write_bytes(path, buffer.getvalue())
 
 
