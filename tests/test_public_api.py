@@ -7,9 +7,10 @@ from importlib import resources
 import diode
 
 PUBLIC = {
-    "AugmentationPipeline", "BBoxSampler", "DeepInversionLoss", "DetectionFolder", "DetectorAdapter",
-    "DistillConfig", "Distiller", "FPSampling", "Stage", "SynthesisResult", "Synthesizer", "YOLOv3Adapter",
-    "__version__", "eval", "hub", "reference_stages", "synthesize_dataset", "viz", "write_dataset",
+    "AugmentationPipeline", "BBoxSampler", "CompetitionTerm", "DeepInversionLoss", "DetectionFolder",
+    "DetectorAdapter", "DistillConfig", "Distiller", "FPSampling", "Stage", "SynthesisResult", "Synthesizer",
+    "TorchvisionAdapter", "YOLOv3Adapter", "YOLOv8Adapter", "__version__", "create_adapter",
+    "estimate_class_prior", "eval", "hub", "reference_stages", "synthesize_dataset", "viz", "write_dataset",
 }
 
 
