@@ -4,8 +4,9 @@ The sibling of ``benchmarks/toy_distill.py`` (same shapes world, data, seeds, sy
 distillation budgets, same output files), with a torchvision detector as the teacher:
 
 1. train a small RetinaNet (torchvision's ``RetinaNet`` and ``RetinaNetHead`` on a narrow
-   BatchNorm backbone with a BatchNorm FPN, 96 px, no pretrained weights) with its own
-   training losses through :class:`diode.adapters.torchvision.TorchvisionAdapter`;
+   BatchNorm backbone with a BatchNorm FPN and BatchNorm heads shared across the pyramid
+   levels, 96 px, no pretrained weights) with its own training losses through
+   :class:`diode.adapters.torchvision.TorchvisionAdapter`;
 2. build five image sources of equal size: (a) real, (b) DIODE (onebox sampler),
    (b') DIODE (tiles sampler), (d) the out-of-distribution proxy domain, (e) uniform noise;
    the DIODE images use the **default synthesis loss** for this teacher
@@ -143,14 +144,16 @@ def build_retinanet(width: int, channels: int, class_names: Sequence[str], image
 
     Two square anchors per location and level, the YOLO benchmark's six anchor sizes
     (:data:`toy_distill.ANCHOR_FRACTIONS` of the canvas) spread over strides 8, 16 and 32;
-    torchvision's RetinaNet head (no normalisation, as ``retinanet_resnet50_fpn``) and losses
-    (focal loss, L1 box regression).
+    torchvision's RetinaNet head with ``norm_layer=BatchNorm2d`` (its four-conv towers are
+    shared by the three levels, so each of their BatchNorm layers runs three times per
+    forward) and losses (focal loss, L1 box regression). Without normalisation in the head
+    (``retinanet_resnet50_fpn``'s head) the teacher reached 0.54 mAP50 instead of 0.94.
     """
     sizes = [round(a * image_size) for a in toy.ANCHOR_FRACTIONS]
     anchors = AnchorGenerator(sizes=(tuple(sizes[0:2]), tuple(sizes[2:4]), tuple(sizes[4:6])),
                               aspect_ratios=((1.0,),) * 3)
     backbone = ShapesBackbone(width, channels)
-    head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], len(class_names))
+    head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], len(class_names), norm_layer=nn.BatchNorm2d)
     model = RetinaNet(backbone, len(class_names), min_size=image_size, max_size=image_size,
                       anchor_generator=anchors, head=head)
     return TorchvisionAdapter(model, class_names=class_names)

@@ -39,7 +39,7 @@ def test_retinanet_levels_anchors_and_batchnorm():
     widths = raw.anchors[0][:, 2] - raw.anchors[0][:, 0]
     wanted = [a * 64 for a in tv.toy.ANCHOR_FRACTIONS]  # torchvision rounds anchor corners to pixels
     assert len(set(widths.tolist())) == 6 and all(min(abs(w - x) for x in wanted) <= 1 for w in widths.tolist())
-    assert len(adapter.bn_layers()) == 9 + 6  # backbone convs + FPN inner and layer blocks
+    assert len(adapter.bn_layers()) == 9 + 6 + 8  # backbone convs, FPN inner and layer blocks, two head towers
     with pytest.raises(ValueError, match="width"):
         tv.TorchvisionToyConfig(width=0)
 
