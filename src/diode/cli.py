@@ -405,6 +405,7 @@ def _per_class_rows(result: dict[str, Any], names: Sequence[str]) -> list[dict[s
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
+    from diode._interrupt import RunInterrupted
     from diode.distill import Distiller
     from diode.eval import evaluate
     from diode.models.yolo import Darknet, save_darknet_weights
@@ -423,6 +424,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
                               augment=not args.no_augment, num_workers=args.workers, log_every=args.log_every)
         # Interrupted (Ctrl-C, SIGTERM), fit raises the one-line RunInterrupted after the last saved epoch.
         history = distiller.fit(args.data, out=out, eval_fn=eval_fn, progress=False if args.quiet else None)
+    except RunInterrupted as e:
+        if primary:
+            raise
+        return e.exit_code  # rank 0 alone says how far the job got
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

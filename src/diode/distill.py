@@ -133,7 +133,7 @@ class DistillConfig:
         seed: seed of the shuffling and the augmentation, ``>= 0``.
         amp: bfloat16 autocast of the forward passes.
         log_every: log the loss (averaged since the previous logging point) every this
-            many steps.
+            many steps and at the end of every epoch.
     """
 
     mode: Literal["outputs", "pseudo_labels", "hybrid"] = "outputs"
@@ -389,7 +389,9 @@ class Distiller:
                     f"{steps} steps per epoch, epochs {self.epoch + 1}-{c.epochs}")
         show = (sys.stderr.isatty() if progress is None else progress) and primary
         self.teacher.model.eval()
-        with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar, _stopped_after(self):
+        saved = [self.epoch if out is not None else 0]  # epochs a re-run skips: those in the last checkpoint
+        stopped = _stopped_after(saved, c.epochs, resumable=out is not None)
+        with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar, stopped:
             for epoch in range(self.epoch, c.epochs):
                 sampler.epoch = epoch
                 start = time.perf_counter()
@@ -405,6 +407,7 @@ class Distiller:
                 if out is not None and primary:
                     with _signals_deferred():
                         self._save_checkpoint(Path(out))
+                        saved[0] = self.epoch
                         report.plot()
         _barrier(self.world)
         return list(self.history)
@@ -438,7 +441,7 @@ class Distiller:
                 epoch_sums[name] = epoch_sums[name] + value if name in epoch_sums else value
                 window[name] = window[name] + value if name in window else value
             since += 1
-            if (step + 1) % c.log_every == 0:
+            if (step + 1) % c.log_every == 0 or step + 1 == steps:
                 values = self._mean_over_ranks(window, since, epoch, step)
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "loss")
                 report.line(f"epoch {epoch + 1}/{c.epochs} step {step + 1}/{steps}: "
@@ -902,15 +905,16 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stopped_after(distiller: Distiller) -> Iterator[None]:
-    """Turn a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under the CLI) into the one-line :class:`RunInterrupted`."""
+def _stopped_after(saved: list[int], epochs: int, *, resumable: bool) -> Iterator[None]:
+    """Turn a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under the CLI) into the one-line :class:`RunInterrupted`.
+
+    ``saved[0]`` is read when the interrupt arrives: the epochs a re-run resumes after.
+    """
     try:
         yield
     except KeyboardInterrupt as e:
-        raise RunInterrupted(
-            f"interrupted after {distiller.epoch}/{distiller.config.epochs} epochs; re-run the same command to resume",
-            signum=signal_number(e),
-        ) from e
+        hint = "; re-run the same command to resume" if resumable else ""
+        raise RunInterrupted(f"interrupted after {saved[0]}/{epochs} epochs{hint}", signum=signal_number(e)) from e
 
 
 @contextlib.contextmanager
