@@ -503,7 +503,8 @@ def test_run_folder_records_and_plain_progress(images: Path, tmp_path: Path, cap
     lines = (tmp_path / "log.txt").read_text().splitlines()
     assert lines == [r.getMessage() for r in caplog.records if r.name == "diode.distill"]
     assert lines[0] == "distilling (outputs) on 8 images: batch 4, 2 steps per epoch, epochs 1-2"
-    assert lines[1].startswith("epoch 1/2 step 1/2: loss ") and "(outputs " in lines[1] and lines[1].endswith(", lr 0.01")
+    assert lines[1].startswith("epoch 1/2 step 1/2: loss ") and "(outputs " in lines[1]
+    assert lines[1].endswith(", lr 0.01")
     assert lines[3].startswith("epoch 1/2 done: loss ")
     with (tmp_path / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -536,8 +537,25 @@ def test_interrupt_names_the_epochs_and_resume_keeps_the_records_whole(images: P
     assert steps == [(str(e), str(s)) for e in (1, 2, 3) for s in (1, 2)]  # epoch 2's first rows replaced
     log = (tmp_path / "log.txt").read_text()
     assert "resuming: 1/3 epochs already done" in log and log.count("epoch 1/3 done") == 1
+    d = Distiller(_adapter(0, teacher=True), _adapter(1), **settings)
+    with pytest.raises(RunInterrupted, match=r"^interrupted after 2/3 epochs$"):  # no out: nothing to resume
+        d.fit(images, eval_fn=lambda adapter, epoch: {} if epoch < 3 else _raise(KeyboardInterrupt()))
     with pytest.raises(ValueError, match=r"\(epochs: 3 -> 2\)"):
         Distiller(_adapter(0, teacher=True), _adapter(1), **dict(settings, epochs=2)).fit(images, out=tmp_path)
+
+
+def _raise(error: BaseException) -> dict:
+    raise error
+
+
+def test_the_interrupt_line_counts_the_checkpointed_epochs(images: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    d = Distiller(_adapter(0, teacher=True), _adapter(1), **dict(FAST, epochs=3))
+    save = d._save_checkpoint
+    monkeypatch.setattr(d, "_save_checkpoint", lambda out: save(out) if d.epoch < 2 else _raise(KeyboardInterrupt()))
+    with pytest.raises(RunInterrupted, match=r"^interrupted after 1/3 epochs; re-run"):  # epoch 2 trained, not saved
+        d.fit(images, out=tmp_path)
+    assert d.epoch == 2 and torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
 
 
 def test_signals_during_a_checkpoint_take_effect_after_it():
