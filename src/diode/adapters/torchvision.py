@@ -285,7 +285,10 @@ class TorchvisionAdapter:
             return TorchvisionOutputs(features, image_list=image_list)
         levels = list(features.values())
         head = self._tv.head(levels)
-        anchors = self._tv.anchor_generator(image_list, levels)
+        # Anchor generators read only the maps' sizes and the first one's dtype: float32 stand-ins keep
+        # the anchors exact under autocast (bf16 would round 300 px coordinates to 2 px).
+        sizes_only = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in levels]
+        anchors = self._tv.anchor_generator(image_list, sizes_only)
         return TorchvisionOutputs(head, image_list=image_list, anchors=anchors,
                                   level_sizes=[f.shape[-2] * f.shape[-1] for f in levels])
 
@@ -301,6 +304,9 @@ class TorchvisionAdapter:
                 proposals); default a fresh generator seeded 0, so a call is reproducible.
                 The other families draw nothing.
         """
+        if len(targets) != len(raw.image_list.image_sizes):
+            raise ValueError(f"targets has {len(targets)} dicts for {len(raw.image_list.image_sizes)} images: "
+                             "give one dict per image")
         model_targets = self._model_targets(targets, raw.image_list.tensors.device)
         if self.family == "rcnn":
             return self._rcnn_losses(raw, model_targets, generator)
