@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,17 @@ def test_fall_model_matches_ultralytics(fall_weights: Path, real_images: Path) -
     assert len(adapter.bn_layers()) == 57
     _check_raw(adapter, "yolov8s-fall")
     _check_detections(adapter, "yolov8s-fall", real_images)
+
+
+@pytest.mark.slow
+def test_example_runs_offline_with_a_random_teacher(tmp_path: Path) -> None:
+    """examples/ultralytics_teacher.py end to end at a tiny size, with an empty weights cache."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIODE_HOME": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/ultralytics_teacher.py"), "--iterations", "2",
+                           "--num-images", "2", "--resolution", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "using random weights" in proc.stdout and "inversion mAP50:" in proc.stdout
+    assert len(list((out / "images").glob("*.png"))) == 2
+    assert (out / "student" / "student.pt").is_file()
