@@ -203,3 +203,19 @@ def test_storages_are_shared_and_views_kept(tmp_path: Path) -> None:
     obj = read_pickle(path)
     assert torch.equal(obj["b"], base[2:8].view(2, 3)) and obj["c"].item() == 5
     assert obj["a"].untyped_storage().data_ptr() == obj["b"].untyped_storage().data_ptr()
+
+
+class _StatefulSet:
+    def __reduce__(self):
+        return set, ([1, 2],), {"x": 1}
+
+
+def test_state_is_set_on_placeholders_only(tmp_path: Path) -> None:
+    """BUILD on a real type would run that type's state setter: refused (an OrderedDict's attributes excepted)."""
+    path = tmp_path / "state.pt"
+    torch.save({"model": _StatefulSet()}, path)
+    with pytest.raises(ValueError, match="sets the state of a set"):
+        read_pickle(path)
+    state = _seeded(TINY_V8).state_dict()
+    torch.save(state, path)
+    assert read_pickle(path)._metadata == state._metadata

@@ -10,7 +10,8 @@ whatever the file names, which is arbitrary code execution. Here:
   ``frozenset``, ``slice``, ``torch.Size``, dtypes and devices;
 - every other class named by the file (the framework's modules, ``torch.nn``
   layers, numpy scalars) becomes an inert :class:`Placeholder` that records the
-  arguments and state it was given; no code of that class runs;
+  arguments and state it was given; no code of that class runs, and no real
+  type's state setter runs either (state is set on placeholders only);
 - a global outside the namespaces a model checkpoint refers to (``os.system``,
   ``subprocess.Popen``, ``builtins.eval``, ...) is refused with ``ValueError``
   before anything is built.
@@ -30,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -180,8 +181,29 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Constructs allow-listed types and placeholders only; storages come from the zip archive."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Constructs allow-listed types and placeholders only; storages come from the zip archive.
+
+    The pure-Python unpickler, so that ``BUILD`` (setting an object's state) can be
+    limited to placeholders (and plain attributes of an ``OrderedDict``): no
+    ``__setstate__`` of a real type runs either.
+    """
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, Placeholder):
+            inst.__setstate__(state)
+        elif type(inst) is OrderedDict and isinstance(state, dict):  # a state dict's _metadata: plain attributes
+            inst.__dict__.update(state)
+        else:
+            raise pickle.UnpicklingError(f"the file sets the state of a {type(inst).__name__}; only the "
+                                         "placeholders of model classes take a state")
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def __init__(self, file: Any, load_storage: Callable[[str, torch.dtype], Tensor]) -> None:
         super().__init__(file)
