@@ -470,12 +470,32 @@ def test_from_name_builds_locally_and_loads_weights_strictly(tmp_path: Path) -> 
     assert teacher.class_names == ["a", "b"] and teacher.source["sha256"] and "ssdlite" in repr(teacher)
     torch.save({"model": student.model.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pth")
     TorchvisionAdapter.from_name("ssdlite320_mobilenet_v3_large", num_classes=3, weights=tmp_path / "checkpoint.pth")
+    # a state dict of torchvision's pretrained models (FrozenBatchNorm2d: no num_batches_tracked) loads too
+    frozen_style = {k: v for k, v in student.model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(frozen_style, tmp_path / "frozen.pth")
+    TorchvisionAdapter.from_name("ssdlite320_mobilenet_v3_large", num_classes=3, weights=tmp_path / "frozen.pth")
     with pytest.raises(ValueError, match="do not fit"):
         TorchvisionAdapter.from_name("ssdlite320_mobilenet_v3_large", num_classes=5, weights=path)
     with pytest.raises(ValueError, match="unknown torchvision detection builder"):
         TorchvisionAdapter.from_name("yolov3")
     with pytest.raises(TypeError, match="backbone_weights"):
         TorchvisionAdapter.from_name("ssdlite320_mobilenet_v3_large", weights_backbone="IMAGENET1K_V1")
+
+
+def test_from_pretrained_reads_a_torchvision_hub_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diode import hub
+
+    student = TorchvisionAdapter.from_name("ssdlite320_mobilenet_v3_large", num_classes=3)
+    path = tmp_path / "tiny.pth"
+    torch.save(student.model.state_dict(), path)
+    entry = hub.WeightsEntry(name="tiny-ssdlite", format="torchvision", arch="ssdlite320_mobilenet_v3_large",
+                             file_name="tiny.pth", size=None, sha256=None, class_names=("a", "b"))
+    monkeypatch.setitem(hub.REGISTRY, entry.name, entry)
+    teacher = TorchvisionAdapter.from_pretrained("tiny-ssdlite", weights=path)
+    assert teacher.class_names == ["a", "b"] and teacher.label_map == (1, 2)  # SSD: background at 0
+    assert teacher.source["name"] == "tiny-ssdlite" and not teacher.model.training
+    with pytest.raises(ValueError, match="not a torchvision detector"):
+        TorchvisionAdapter.from_pretrained("yolov3-tiny")
 
 
 def test_from_name_backbone_weights(tmp_path: Path) -> None:

@@ -175,7 +175,8 @@ class TorchvisionAdapter:
                 backbone is cut from (e.g. torchvision's ImageNet ``resnet50`` or
                 ``mobilenet_v3_large`` weights), matched to the backbone's feature extractor
                 in order, with every shape checked.
-            class_names, label_map: as in the constructor.
+            class_names: as in the constructor.
+            label_map: as in the constructor.
             device: where to put the model.
             **kwargs: more builder arguments (e.g. ``trainable_backbone_layers``,
                 ``score_thresh``).
