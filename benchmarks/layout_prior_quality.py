@@ -10,7 +10,8 @@ seed), and over all seeds together.
         [--iterations 200] [--seeds 0 1 2] [--batches 2] [--batch-size 4]
 
 Configurations: ``onebox`` (the default sampler), ``tiles`` (``k=4``), ``multibox``
-(``k=(1, 4)``, sides 0.15-0.5, disjoint), ``statistics`` (``from_statistics`` fitted to
+(disjoint; ``--multibox-k``, default the builder's ``(1, 4)``, ``--multibox-size``,
+default 0.15-0.5), ``statistics`` (``from_statistics`` fitted to
 the teacher's own detections, conf 0.25, on the photos in ``--stats-photos``, e.g.
 darknet's samples in ``~/.cache/diode/test-images``); ``+prior`` adds the class prior
 estimated from the teacher (``estimate_class_prior(teacher)``, ``--prior-temperature``;
@@ -36,7 +37,6 @@ from diode.inversion.prior import estimate_class_prior
 LAYOUTS = {
     "onebox": lambda c, prior: diode.BBoxSampler.onebox(num_classes=c, class_prior=prior),
     "tiles": lambda c, prior: diode.BBoxSampler.tiles(num_classes=c, k=4, class_prior=prior),
-    "multibox": lambda c, prior: diode.BBoxSampler.multibox(num_classes=c, class_prior=prior),
 }
 
 
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=160)
     parser.add_argument("--prior-temperature", type=float, default=1.0)
+    parser.add_argument("--multibox-k", type=int, nargs=2, default=[1, 4])
+    parser.add_argument("--multibox-size", type=float, nargs=2, default=[0.15, 0.5])
     parser.add_argument("--stats-photos", type=Path, default=Path.home() / ".cache/diode/test-images")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the results here")
@@ -76,9 +78,14 @@ def main() -> None:
     print(f"{'config':>16} {'seed':>4} {'boxes':>5} {'map50':>6} {'s/it':>7}")
     for config in args.configs:
         layout, _, use_prior = config.partition("+")
-        if layout not in (*LAYOUTS, "statistics") or use_prior not in ("", "prior"):
-            parser.error(f"unknown config {config!r}: one of {sorted(LAYOUTS)} or statistics, optionally with '+prior'")
-        if layout == "statistics":
+        if layout not in (*LAYOUTS, "multibox", "statistics") or use_prior not in ("", "prior"):
+            parser.error(f"unknown config {config!r}: one of {sorted(LAYOUTS)}, multibox or statistics, "
+                         "optionally with '+prior'")
+        if layout == "multibox":
+            (lo, hi), (small, large) = args.multibox_k, args.multibox_size
+            sampler = diode.BBoxSampler.multibox(num_classes=teacher.num_classes, k=(lo, hi), min_size=small,
+                                                 max_size=large, class_prior=prior if use_prior else None)
+        elif layout == "statistics":
             sampler = photo_statistics(teacher, args.stats_photos, prior if use_prior else None)
             print(f"{config}: {sampler}", flush=True)
         else:
@@ -107,7 +114,8 @@ def main() -> None:
         print(f"{config}: pooled mAP50 per seed {seeds}; all seeds {per_seed['all']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "time": time.strftime("%Y-%m-%d %H:%M"), "results": results}, f, indent=2)
+            record = {"args": vars(args), "time": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+            json.dump(record, f, indent=2, default=str)
 
 
 if __name__ == "__main__":
