@@ -317,7 +317,7 @@ def evaluate(
             predictions += _predict(adapter, images, conf=conf, iou=iou, device=device)
             targets += batch_targets
     result = detection_map(predictions, targets, num_classes=adapter.num_classes, backend=backend)
-    logger.info(
+    logger.debug(
         "evaluated %d images: mAP %.4f, mAP50 %.4f", len(targets), result["map"], result["map50"]
     )
     return result

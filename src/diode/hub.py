@@ -330,8 +330,8 @@ def fetch(name: str, *, path: str | os.PathLike[str] | None = None, force: bool 
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            logger.warning("fetching %s (%s) from %s into %s", name, entry.file_name, source.describe(),
-                           target.parent)
+            logger.info("fetching %s (%s) from %s into %s", name, entry.file_name, source.describe(),
+                        target.parent)
             source.fetch(tmp)
             digest = verify(tmp, entry)
             if entry.sha256 is None:
