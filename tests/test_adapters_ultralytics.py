@@ -13,8 +13,9 @@ from torchvision.ops import box_iou
 from yolov8_helpers import TINY_11, TINY_V8, TINY_V10, fall_weights, yolov10n_weights  # noqa: F401
 
 from diode import hub
+from diode.adapters._common import letterbox
 from diode.adapters.base import DetectorAdapter
-from diode.adapters.ultralytics import PAD_VALUE, YOLOv8Adapter, letterbox
+from diode.adapters.ultralytics import PAD_VALUE, YOLOv8Adapter
 from diode.data.io import load_image
 from diode.models.yolov8.loss import DetectionLoss, V10DetectionLoss
 
@@ -140,13 +141,13 @@ def test_bn_layers_freeze_and_to() -> None:
 
 def test_letterbox_keeps_aspect_and_pads_to_the_stride() -> None:
     image = torch.rand(3, 90, 120)
-    canvas, scale, (px, py) = letterbox(image, 64, 16)
+    canvas, scale, (px, py) = letterbox(image, 64, stride=16)
     assert scale == pytest.approx(64 / 120) and canvas.shape == (3, 48, 64) and (px, py) == (0, 0)
-    canvas, scale, (px, py) = letterbox(torch.rand(3, 100, 60), 64, 32)
+    canvas, scale, (px, py) = letterbox(torch.rand(3, 100, 60), 64, stride=32, fill=PAD_VALUE)
     assert canvas.shape == (3, 64, 64) and (px, py) == (13, 0)
     assert torch.all(canvas[:, :, :13] == PAD_VALUE) and torch.all(canvas[:, :, 13 + 38:] == PAD_VALUE)
     assert not torch.any(canvas[:, :, 13:13 + 38] == PAD_VALUE)
-    same, scale, _ = letterbox(image[:, :64, :64], 64, 32)
+    same, scale, _ = letterbox(image[:, :64, :64], 64, stride=32)
     assert scale == 1 and torch.equal(same, image[:, :64, :64])
 
 

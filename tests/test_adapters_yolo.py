@@ -8,7 +8,7 @@ from conftest import make_tiny_yolo, onebox_targets
 from torchvision.ops import box_iou
 
 from diode import DetectorAdapter, YOLOv3Adapter
-from diode.adapters.yolo import letterbox
+from diode.adapters._common import letterbox
 from diode.data.io import load_image
 from diode.models.yolo import save_darknet_weights
 

@@ -187,17 +187,21 @@ def _image_paths(specs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def _detect(teacher: Any, image: Any, *, size: int, conf: float, iou: float) -> dict[str, Any]:
-    """Detections in one photograph of any size: letterboxed to ``size`` for the model, boxes
-    mapped back to the photograph's pixels; tensors on the CPU."""
-    from diode.adapters.yolo import letterbox
+def _detect(teacher: Any, image: Any, *, size: int | None, conf: float, iou: float | None) -> dict[str, Any]:
+    """Detections in one photograph of any size, boxes in the photograph's pixels, tensors on the CPU.
 
-    boxed, scale, (pad_x, pad_y) = letterbox(image, size)
-    det = teacher.predict(boxed[None], conf=conf, iou=iou)[0]
-    boxes = det["boxes"].detach().cpu().clone()
-    boxes[:, 0::2] = ((boxes[:, 0::2] - pad_x) / scale).clamp(0, image.shape[2])
-    boxes[:, 1::2] = ((boxes[:, 1::2] - pad_y) / scale).clamp(0, image.shape[1])
-    return {"boxes": boxes, "scores": det["scores"].detach().cpu(), "labels": det["labels"].detach().cpu()}
+    An adapter with its own ``detect`` (the bundled YOLO families) preprocesses photos as its family
+    does (input size, padding, NMS IoU); any other is letterboxed to ``size`` (default 416) for
+    ``predict``. ``None`` takes the adapter's defaults."""
+    from diode.adapters._common import detect_photo
+
+    options = {k: v for k, v in (("size", size), ("iou", iou)) if v is not None}
+    if callable(getattr(teacher, "detect", None)):
+        det = teacher.detect(image, conf=conf, **options)
+    else:
+        det = detect_photo(lambda x: teacher.predict(x, conf=conf, iou=options.get("iou", 0.45))[0], image,
+                           int(options.get("size", 416)))
+    return {k: v.detach().cpu() for k, v in det.items()}
 
 
 def _stages_from_args(args: argparse.Namespace) -> list[Any]:
@@ -476,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, folders of images, or glob patterns ('photos/*.jpg')")
     p.add_argument("--out", help="folder for the annotated images (same file names and formats as the inputs)")
     p.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
-    p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
-    p.add_argument("--size", type=int, default=416, help="network input size (default 416)")
+    p.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model family's, 0.45 for darknet "
+                   "YOLO, 0.7 for the anchor-free YOLO family)")
+    p.add_argument("--size", type=int, help="network input size (default: the model family's, 416 for darknet "
+                   "YOLO, 640 for the anchor-free YOLO family)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_detect)
 

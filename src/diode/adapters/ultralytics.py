@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diode import hub
+from diode.adapters._common import ModelAdapter, detect_photo
 from diode.models.yolov8.builder import YOLOModel
 from diode.models.yolov8.checkpoint import load_model
 from diode.models.yolov8.decode import Raw, postprocess
@@ -32,7 +32,7 @@ Device = str | torch.device | None
 PAD_VALUE = 114 / 255
 
 
-class YOLOv8Adapter:
+class YOLOv8Adapter(ModelAdapter):
     """A :class:`~diode.models.yolov8.YOLOModel` seen through the adapter protocol.
 
     Images are float ``[B, 3, H, W]`` RGB in ``[0, 1]`` (what the family expects: no
@@ -140,22 +140,6 @@ class YOLOv8Adapter:
         """The largest stride (32 for the standard models): sizes that need no padding."""
         return self.model.max_stride
 
-    @property
-    def device(self) -> torch.device:
-        """The device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def to(self, device: Device = None, **kwargs: Any) -> YOLOv8Adapter:
-        """Move the model (``nn.Module.to`` arguments); returns ``self``."""
-        if device is not None or kwargs:
-            self.model.to(device, **kwargs)
-        return self
-
-    def freeze(self) -> YOLOv8Adapter:
-        """Eval mode and no parameter gradients (a teacher); returns ``self``."""
-        self.model.eval().requires_grad_(False)
-        return self
-
     def forward(self, images: Tensor) -> Raw:
         """Raw head outputs for images ``[B, 3, H, W]`` in ``[0, 1]``.
 
@@ -192,12 +176,8 @@ class YOLOv8Adapter:
         Runs the model in eval mode (restoring its previous mode). ``iou`` is unused
         by a YOLOv10 head, which needs no NMS.
         """
-        training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             raw = self.forward(images)
-        finally:
-            self.model.train(training)
         return self.postprocess(raw, image_size=(images.shape[-2], images.shape[-1]), conf=conf, iou=iou,
                                 max_det=max_det)
 
@@ -227,48 +207,12 @@ class YOLOv8Adapter:
         Returns:
             ``boxes`` ``[K, 4]`` xyxy in the photo's pixels, ``scores`` ``[K]``, ``labels`` ``[K]``.
         """
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image must be [3, H, W] RGB, got shape {tuple(image.shape)}")
-        if size < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {size}")
-        boxed, scale, (pad_x, pad_y) = letterbox(image.to(self.device, torch.float32), size, self.size_divisor)
-        det = self.predict(boxed[None], conf=conf, iou=iou, max_det=max_det)[0]
-        boxes = det["boxes"].clone()
-        boxes[:, 0::2] = ((boxes[:, 0::2] - pad_x) / scale).clamp(0, image.shape[2])
-        boxes[:, 1::2] = ((boxes[:, 1::2] - pad_y) / scale).clamp(0, image.shape[1])
-        return {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
-
-    def _pad(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] RGB in [0, 1], got shape {tuple(images.shape)}")
-        s = self.size_divisor
-        ph, pw = -images.shape[2] % s, -images.shape[3] % s
-        return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+        return detect_photo(lambda x: self.predict(x, conf=conf, iou=iou, max_det=max_det)[0],
+                            image.to(self.device), size, stride=self.size_divisor, fill=PAD_VALUE)
 
     def __repr__(self) -> str:
         head = "v10Detect" if self.model.end2end else "Detect"
         return f"YOLOv8Adapter(head={head}, num_classes={self.num_classes}, source={self.source})"
-
-
-def letterbox(image: Tensor, size: int, stride: int, *,
-              fill: float = PAD_VALUE) -> tuple[Tensor, float, tuple[int, int]]:
-    """Resize ``[3, H, W]`` so its longer side is ``size`` and pad it, centred, to multiples of ``stride``.
-
-    Returns:
-        ``(canvas [3, H', W'], scale, (pad_x, pad_y))`` with
-        ``canvas_xy = image_xy * scale + pad``.
-    """
-    h, w = image.shape[-2:]
-    scale = min(size / h, size / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = image
-    if (nh, nw) != (h, w):
-        resized = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-    ch, cw = nh + -nh % stride, nw + -nw % stride
-    pad_x, pad_y = (cw - nw) // 2, (ch - nh) // 2
-    canvas = image.new_full((3, ch, cw), fill)
-    canvas[:, pad_y:pad_y + nh, pad_x:pad_x + nw] = resized
-    return canvas, scale, (pad_x, pad_y)
 
 
 def _default_loss(model: YOLOModel) -> DetectionLoss | V10DetectionLoss:

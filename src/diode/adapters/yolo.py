@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diode import hub
+from diode.adapters._common import ModelAdapter, detect_photo
 from diode.models.yolo import Darknet, load_darknet_weights, load_ultralytics_checkpoint
 from diode.models.yolo.decode import postprocess
 from diode.models.yolo.loss import YOLOLoss
@@ -23,7 +23,7 @@ PathLike = str | os.PathLike[str]
 Device = str | torch.device | None
 
 
-class YOLOv3Adapter:
+class YOLOv3Adapter(ModelAdapter):
     """A darknet YOLO model (:class:`~diode.models.yolo.Darknet`) seen through the adapter protocol.
 
     Images are float ``[B, 3, H, W]`` RGB in ``[0, 1]`` (what darknet expects:
@@ -127,22 +127,6 @@ class YOLOv3Adapter:
         """``{}``: the generic defaults are the reference recipe's, tuned on this family."""
         return {}
 
-    @property
-    def device(self) -> torch.device:
-        """The device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def to(self, device: Device = None, **kwargs: Any) -> YOLOv3Adapter:
-        """Move the model (``nn.Module.to`` arguments); returns ``self``."""
-        if device is not None or kwargs:
-            self.model.to(device, **kwargs)
-        return self
-
-    def freeze(self) -> YOLOv3Adapter:
-        """Eval mode and no parameter gradients (a teacher); returns ``self``."""
-        self.model.eval().requires_grad_(False)
-        return self
-
     def forward(self, images: Tensor) -> list[Tensor]:
         """Raw head outputs ``[B, A, H_i, W_i, 5 + C]`` for images ``[B, 3, H, W]`` in ``[0, 1]``."""
         return self.model(self._pad(images))
@@ -167,12 +151,8 @@ class YOLOv3Adapter:
 
         Runs the model in eval mode (restoring its previous mode).
         """
-        training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             raw = self.forward(images)
-        finally:
-            self.model.train(training)
         return self.postprocess(raw, image_size=(images.shape[-2], images.shape[-1]), conf=conf, iou=iou)
 
     def bn_layers(self) -> list[nn.Module]:
@@ -191,41 +171,10 @@ class YOLOv3Adapter:
             image: float ``[3, H, W]`` RGB in ``[0, 1]``.
             size: network input size, a multiple of the model stride.
         """
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image must be [3, H, W] RGB, got shape {tuple(image.shape)}")
-        boxed, scale, (pad_x, pad_y) = letterbox(image.to(self.device, torch.float32), size)
-        det = self.predict(boxed[None], conf=conf, iou=iou)[0]
-        boxes = det["boxes"].clone()
-        boxes[:, 0::2] = ((boxes[:, 0::2] - pad_x) / scale).clamp(0, image.shape[2])
-        boxes[:, 1::2] = ((boxes[:, 1::2] - pad_y) / scale).clamp(0, image.shape[1])
-        return {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
-
-    def _pad(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] RGB in [0, 1], got shape {tuple(images.shape)}")
-        s = self.size_divisor
-        ph, pw = -images.shape[2] % s, -images.shape[3] % s
-        return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+        return detect_photo(lambda x: self.predict(x, conf=conf, iou=iou)[0], image.to(self.device), size)
 
     def __repr__(self) -> str:
         return f"YOLOv3Adapter(cfg={self.model.cfg_name!r}, num_classes={self.num_classes}, source={self.source})"
-
-
-def letterbox(image: Tensor, size: int, *, fill: float = 0.5) -> tuple[Tensor, float, tuple[int, int]]:
-    """Resize ``[3, H, W]`` keeping its aspect into a ``size x size`` canvas filled with ``fill``.
-
-    Returns:
-        ``(canvas [3, size, size], scale, (pad_x, pad_y))`` with
-        ``canvas_xy = image_xy * scale + pad``.
-    """
-    h, w = image.shape[-2:]
-    scale = min(size / h, size / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-    pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
-    canvas = image.new_full((3, size, size), fill)
-    canvas[:, pad_y:pad_y + nh, pad_x:pad_x + nw] = resized
-    return canvas, scale, (pad_x, pad_y)
 
 
 def _names(class_names: Sequence[str] | None, model: Darknet) -> list[str] | None:
