@@ -522,7 +522,16 @@ def test_device_to_and_repr() -> None:
     assert adapter.to("cpu") is adapter and adapter.device == torch.device("cpu")
     assert adapter.freeze() is adapter and not adapter.model.training
     assert repr(adapter).startswith("TorchvisionAdapter(FCOS, family='fcos', num_classes=3")
-    assert adapter.synthesis_defaults() == {}
+
+@pytest.mark.parametrize(("family", "w_task"), [("faster_rcnn", 20.0), ("mask_rcnn", 20.0), ("retinanet", 5.0),
+                                                ("fcos", 5.0), ("ssdlite", 0.5)])
+def test_synthesis_defaults_set_the_task_weight_per_family(family: str, w_task: float) -> None:
+    adapter = TorchvisionAdapter(FAMILIES[family]())
+    assert diode.DeepInversionLoss(adapter).w_task == w_task
+    assert diode.DeepInversionLoss(adapter, w_task=1.0).w_task == 1.0  # explicit arguments win
+    defaults = adapter.synthesis_defaults()
+    defaults["w_task"] = 0.0
+    assert diode.DeepInversionLoss(adapter).w_task == w_task  # a copy: the adapter's table is not shared
 
 
 def test_example_runs(tmp_path: Path) -> None:
