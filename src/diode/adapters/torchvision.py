@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, RetinaNet
@@ -43,11 +42,11 @@ from torchvision.ops import box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from diode import hub
+from diode.adapters._common import Device, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-Device = str | torch.device | None
 
 #: Layer types whose running statistics DeepInversion matches (subclasses included).
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -99,7 +98,7 @@ class TorchvisionOutputs(dict[str, Tensor]):
         self.level_sizes = level_sizes
 
 
-class TorchvisionAdapter:
+class TorchvisionAdapter(ModelAdapter):
     """A torchvision detection model seen through the adapter protocol.
 
     Images are float ``[B, 3, H, W]`` RGB in ``[0, 1]`` at any size: the adapter
@@ -259,22 +258,6 @@ class TorchvisionAdapter:
         """The transform's ``size_divisible`` (32 for R-CNN, RetinaNet and FCOS; 1 for SSD)."""
         return int(self._tv.transform.size_divisible)
 
-    @property
-    def device(self) -> torch.device:
-        """The device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def to(self, device: Device = None, **kwargs: Any) -> TorchvisionAdapter:
-        """Move the model (``nn.Module.to`` arguments); returns ``self``."""
-        if device is not None or kwargs:
-            self.model.to(device, **kwargs)
-        return self
-
-    def freeze(self) -> TorchvisionAdapter:
-        """Eval mode and no parameter gradients (a teacher); returns ``self``."""
-        self.model.eval().requires_grad_(False)
-        return self
-
     def synthesis_defaults(self) -> dict[str, Any]:
         """The family's task weight: ``w_task`` 20 (R-CNN), 5 (RetinaNet, FCOS); SSD keeps the recipe's.
 
@@ -351,7 +334,7 @@ class TorchvisionAdapter:
         :attr:`label_map` are dropped). Runs every layer in eval mode, restoring each
         layer's mode after.
         """
-        with _eval_mode(self.model):
+        with self._eval_mode():
             raw = self.forward(images)
             sizes = raw.image_list.image_sizes
             if self.family == "rcnn":
@@ -378,6 +361,22 @@ class TorchvisionAdapter:
             out.append({"boxes": det["boxes"][keep].float(), "scores": det["scores"][keep].float(),
                         "labels": labels[keep]})
         return out
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Every module in eval mode for the block; each module's own mode restored after.
+
+        Per module, not ``model.train(previous)``: a model fine-tuned with some layers kept in
+        eval mode (frozen BatchNorm, a common torchvision recipe) comes back exactly as it was.
+        """
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            for m, _ in modes:
+                m.training = False
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def bn_layers(self) -> list[nn.Module]:
         """The BatchNorm layers that :meth:`forward` and :meth:`task_loss` run, in the order of their first call.
@@ -417,12 +416,9 @@ class TorchvisionAdapter:
         transform = self._tv.transform
         mean = torch.as_tensor(transform.image_mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         std = torch.as_tensor(transform.image_std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        h, w = int(images.shape[-2]), int(images.shape[-1])
-        s = self.size_divisor
-        x = (images - mean) / std
-        if h % s or w % s:
-            x = F.pad(x, (0, -w % s, 0, -h % s))  # zeros after normalisation, as torchvision's batching pads
-        return ImageList(x, [(h, w)] * images.shape[0])
+        # zeros after the normalisation, as torchvision's batching pads
+        x = self._pad((images - mean) / std)
+        return ImageList(x, [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0])
 
     def _model_targets(self, targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:
         lut = torch.tensor(self.label_map, dtype=torch.int64, device=device)
@@ -528,19 +524,6 @@ def _view(module: nn.Module, **changes: Any) -> Any:
     for name, value in changes.items():
         setattr(view, name, value)
     return view
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode for the duration; each module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _is_bn(module: nn.Module) -> bool:
