@@ -1,7 +1,7 @@
 """Invert a torchvision detector: train a small SSDlite on the shapes world, then synthesize from it.
 
 Any torchvision detection model (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS,
-SSD/SSDlite) with BatchNorm works in diode through ``TorchvisionAdapter``, which
+SSD/SSDlite) with BatchNorm works in diode through :class:`diode.TorchvisionAdapter`, which
 feeds images at their own size (no resize), computes the model's own training
 losses without training mode, draws the R-CNN proposal sampling from diode's
 generator and maps labels to contiguous classes (background and COCO's 91 ids
@@ -13,7 +13,7 @@ diode's procedural shapes world with the adapter's own ``task_loss``, freezes it
 and synthesizes a batch with the default :class:`diode.DeepInversionLoss` and
 :class:`diode.AugmentationPipeline`; it prints the teacher's mAP50 on real shapes
 images and on the synthesized ones (the inversion mAP). ``--builder`` uses one of
-torchvision's builders instead (``TorchvisionAdapter.from_name``; e.g.
+torchvision's builders instead (``diode.TorchvisionAdapter.from_name``; e.g.
 ``fcos_resnet50_fpn``: far slower to train on a CPU).
 
     python examples/torchvision_teacher.py --train-steps 400 --iterations 300 --out runs/tv
@@ -31,7 +31,6 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead
 
 import diode
-from diode.adapters.torchvision import TorchvisionAdapter
 from diode.datasets.shapes import ShapesConfig, ShapesDataset
 
 
@@ -68,7 +67,7 @@ def small_ssdlite(num_classes: int, size: int) -> SSD:
     return SSD(backbone, boxes, (size, size), num_classes + 1, head=head, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def train(adapter: TorchvisionAdapter, data: ShapesDataset, steps: int, batch_size: int,
+def train(adapter: diode.TorchvisionAdapter, data: ShapesDataset, steps: int, batch_size: int,
           generator: torch.Generator) -> None:
     """AdamW with a one-cycle schedule on the adapter's task loss; BatchNorm in training mode learns
     the running statistics that synthesis later matches. Then freeze the model (a teacher)."""
@@ -110,10 +109,11 @@ def main() -> None:
     if args.builder:
         # torchvision's num_classes counts the background for R-CNN and SSD models
         background = 0 if args.builder.startswith(("retinanet", "fcos")) else 1
-        teacher = TorchvisionAdapter.from_name(args.builder, num_classes=config.num_classes + background,
-                                               class_names=data.class_names)
+        teacher = diode.TorchvisionAdapter.from_name(args.builder, num_classes=config.num_classes + background,
+                                                     class_names=data.class_names)
     else:
-        teacher = TorchvisionAdapter(small_ssdlite(config.num_classes, args.resolution), class_names=data.class_names)
+        model = small_ssdlite(config.num_classes, args.resolution)
+        teacher = diode.TorchvisionAdapter(model, class_names=data.class_names)
     print(teacher)
     generator = torch.Generator().manual_seed(args.seed)
     train(teacher, data, args.train_steps, args.batch_size, generator)
