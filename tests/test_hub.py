@@ -10,8 +10,8 @@ from diode import hub
 
 def _entry(tmp_path: Path, data: bytes, *, sha: str | None = "auto", sources=()) -> hub.WeightsEntry:
     digest = hashlib.sha256(data).hexdigest() if sha == "auto" else sha
-    return hub.WeightsEntry(name="toy", format="darknet", arch="yolov3-tiny", file_name="toy.weights", size=len(data), sha256=digest,
-                            sources=tuple(sources))
+    return hub.WeightsEntry(name="toy", format="darknet", arch="yolov3-tiny", file_name="toy.weights",
+                            size=len(data), sha256=digest, sources=tuple(sources))
 
 
 class _FileSource:

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from diode._boxes import Target, detections_as_targets
 from diode._interrupt import RunInterrupted, signal_number
+from diode.adapters._common import module_mode
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike, atomic_write_bytes
@@ -549,7 +550,7 @@ class Distiller:
     def _evaluate(self, eval_fn: Callable[[DetectorAdapter, int], Mapping[str, Any]],
                   epoch: int) -> dict[str, Any]:
         adapter = self.student_for_eval()
-        with _training(adapter.model, False):
+        with module_mode(adapter.model, False):
             result = eval_fn(adapter, epoch)
         if not isinstance(result, Mapping):
             raise TypeError(f"eval_fn must return a dict, got {type(result).__name__}")
@@ -573,7 +574,7 @@ class Distiller:
     def _check_outputs(self) -> None:
         """Raise ``ValueError`` unless the raw outputs of teacher and student have equal structure and shapes."""
         x = torch.zeros(1, 3, *self.image_size, device=self.device)
-        with torch.no_grad(), _training(self.student.model, False):
+        with torch.no_grad(), module_mode(self.student.model, False):
             teacher = [(path, tuple(t.shape)) for path, t in _leaves(self.teacher.forward(x), "teacher")]
             student = [(path, tuple(s.shape)) for path, s in _leaves(self.student.forward(x), "student")]
         if teacher != student:
@@ -826,17 +827,6 @@ def _leaves(raw: Any, name: str, path: str = "") -> list[tuple[str, Tensor]]:
             f"and dicts, but it holds a {type(raw).__name__}{where}; use mode='pseudo_labels'"
         )
     return [leaf for sub_path, value in items for leaf in _leaves(value, name, sub_path)]
-
-
-@contextlib.contextmanager
-def _training(module: nn.Module, mode: bool) -> Iterator[None]:
-    """Set ``module``'s train/eval mode for the block, then restore it."""
-    before = module.training
-    module.train(mode)
-    try:
-        yield
-    finally:
-        module.train(before)
 
 
 def _finite(value: Tensor, epoch: int, step: int) -> float:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diode._boxes import Target, detections_as_targets
+from diode.adapters._common import module_mode
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike
@@ -264,16 +265,12 @@ def _predict(
 
 @contextlib.contextmanager
 def _eval_mode(*adapters: DetectorAdapter) -> Iterator[None]:
-    """Put the adapters' models in eval mode under inference mode; restore their modes after."""
-    modes = [a.model.training for a in adapters]
-    try:
+    """The adapters' models in eval mode under inference mode; each module's own mode restored after."""
+    with contextlib.ExitStack() as stack:
         for a in adapters:
-            a.model.eval()
+            stack.enter_context(module_mode(a.model, False))
         with torch.inference_mode():
             yield
-    finally:
-        for a, mode in zip(adapters, modes, strict=True):
-            a.model.train(mode)
 
 
 def evaluate(

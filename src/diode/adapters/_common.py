@@ -48,15 +48,25 @@ class ModelAdapter:
         ph, pw = -images.shape[2] % s, -images.shape[3] % s
         return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        """The model in eval mode for the block, its previous mode restored after."""
-        training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(training)
+    def _eval_mode(self) -> contextlib.AbstractContextManager[None]:
+        """The model in eval mode for the block; each module's own mode restored after."""
+        return module_mode(self.model, False)
+
+
+@contextlib.contextmanager
+def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Every module of ``module`` in train (``True``) or eval mode for the block; each one's own mode after.
+
+    Per module, not ``module.train(previous)``: a model fine-tuned with some layers kept in eval
+    mode (frozen BatchNorm, a common recipe) comes back exactly as it was.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(training)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def letterbox(image: Tensor, size: int, *, stride: int | None = None,

@@ -6,6 +6,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+#: Layer types whose running statistics DeepInversion matches (subclasses included).
+BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                         FrozenBatchNorm2d)
 
 
 @runtime_checkable

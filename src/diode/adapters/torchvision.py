@@ -24,12 +24,11 @@ submodule with the original, so the caller's model is never modified.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,18 +38,15 @@ from torchvision.models.detection import FCOS, FasterRCNN, FasterRCNN_ResNet50_F
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from diode import hub
 from diode.adapters._common import Device, ModelAdapter
+from diode.adapters.base import BN_TYPES
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-#: Layer types whose running statistics DeepInversion matches (subclasses included).
-BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                                         FrozenBatchNorm2d)
 
 #: The model families the adapter knows, by torchvision class (subclasses included).
 FAMILIES: dict[str, type[nn.Module]] = {"rcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS, "ssd": SSD}
@@ -361,22 +357,6 @@ class TorchvisionAdapter(ModelAdapter):
             out.append({"boxes": det["boxes"][keep].float(), "scores": det["scores"][keep].float(),
                         "labels": labels[keep]})
         return out
-
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        """Every module in eval mode for the block; each module's own mode restored after.
-
-        Per module, not ``model.train(previous)``: a model fine-tuned with some layers kept in
-        eval mode (frozen BatchNorm, a common torchvision recipe) comes back exactly as it was.
-        """
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
-            for m, _ in modes:
-                m.training = False
-            yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
 
     def bn_layers(self) -> list[nn.Module]:
         """The BatchNorm layers that :meth:`forward` and :meth:`task_loss` run, in the order of their first call.

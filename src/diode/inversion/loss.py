@@ -11,9 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from diode.adapters.base import DetectorAdapter
-
-_BN_TYPES = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d)
+from diode.adapters.base import BN_TYPES, DetectorAdapter
 
 #: The weights and options of :class:`DeepInversionLoss` that :meth:`DeepInversionLoss.replace` changes.
 LOSS_OPTIONS = ("w_task", "w_bn", "first_bn_weight", "num_bn_layers", "w_tv1", "w_tv2", "w_l2")
@@ -286,7 +284,7 @@ class DeepInversionLoss(nn.Module):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         _check_num_bn_layers(options["num_bn_layers"])
-        layers = [m for m in teacher.bn_layers() if isinstance(m, _BN_TYPES)]
+        layers = [m for m in teacher.bn_layers() if isinstance(m, BN_TYPES)]
         if not layers:
             raise ValueError(
                 f"{type(teacher.model).__name__} has no BatchNorm layer: DeepInversion matches BatchNorm "
