@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diode._boxes import Target, detections_as_targets
+from diode._utils import device_of
 from diode.adapters._common import module_mode
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
@@ -203,11 +204,6 @@ def detection_map(
     return result
 
 
-def _device_of(adapter: DetectorAdapter) -> torch.device:
-    param = next(iter(adapter.model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _batches(
     data: Tensor | PathLike | DetectionFolder, batch_size: int, image_size: tuple[int, int] | None
 ) -> Iterator[tuple[list[Tensor], list[Target]]]:
@@ -251,7 +247,7 @@ def _predict(
     device: torch.device | str | None,
 ) -> list[Target]:
     """Run ``adapter.predict`` on images grouped by size; predictions come back on the CPU."""
-    device = _device_of(adapter) if device is None else torch.device(device)
+    device = device_of(adapter) if device is None else torch.device(device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diode._utils import device_of
 from diode.adapters.base import DetectorAdapter
-from diode.inversion.synthesizer import _device_of, _private_copy
+from diode.inversion.synthesizer import _private_copy
 
 __all__ = ["CompetitionTerm"]
 
@@ -100,7 +101,7 @@ class CompetitionTerm:
         Returns:
             A float32 scalar in ``[-1, 1]`` on ``images``' device.
         """
-        device = _device_of(self._student)
+        device = device_of(self._student)
         seed = None if self.generator is None else int(torch.randint(0, 2**62, (1,), generator=self.generator))
         l_t = self.teacher.task_loss(raw, targets, generator=_seeded(seed, images.device))
         x = images.to(device)

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from diode._interrupt import RunInterrupted, signal_number
+from diode._utils import derive_seed
 from diode.data.io import PathLike
 from diode.data.run import RunFolder
 from diode.inversion.sampler import BBoxSampler
@@ -26,7 +26,7 @@ _POSITION_KEYS = ("stage", "iteration", "lr")
 
 def batch_seed(seed: int, batch_index: int) -> int:
     """The seed of batch ``batch_index``: depends only on (seed, index), never on the process count."""
-    return int(np.random.SeedSequence([int(seed), int(batch_index)]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, batch_index)
 
 
 def write_dataset(result: SynthesisResult, out: PathLike, *, class_names: list[str],

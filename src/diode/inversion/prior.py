@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diode._utils import device_of
 from diode.adapters.base import DetectorAdapter
-from diode.inversion.synthesizer import _device_of
 
 __all__ = ["estimate_class_prior"]
 
@@ -98,7 +98,7 @@ def estimate_class_prior(
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
         g = generator if generator is not None else torch.Generator().manual_seed(0)
-        images = _neutral_images(num_images, _canvas(image_size, teacher.size_divisor), g, _device_of(teacher))
+        images = _neutral_images(num_images, _canvas(image_size, teacher.size_divisor), g, device_of(teacher))
         if method == "loss":
             prior = torch.softmax(-_class_losses(teacher, images, g) / temperature, dim=0)
         else:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diode._boxes import Target, pack_targets, unpack_targets, validate_targets
+from diode._utils import device_of
 from diode.adapters.base import DetectorAdapter
 from diode.inversion.augment import AugmentationPipeline
 from diode.inversion.loss import DeepInversionLoss, check_loss_options
@@ -176,7 +177,7 @@ class Synthesizer:
             raise ValueError(f"init must be 'rand' or 'randn', got {init!r}")
         self.fp_sampling = fp_sampling
         self.log_every = log_every
-        self.device = _device_of(teacher)
+        self.device = device_of(teacher)
         self.amp_dtype = _amp_dtype(amp, self.device)
         self.channels_last = True if channels_last is None else channels_last
         self.init = init
@@ -401,13 +402,6 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-
-
-def _device_of(teacher: DetectorAdapter) -> torch.device:
-    try:
-        return next(teacher.model.parameters()).device
-    except StopIteration:
-        return next(teacher.model.buffers()).device
 
 
 def _device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:
