@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from diode._boxes import Target, cxcywh_to_xyxy, detections_as_targets, validate_targets, xyxy_to_cxcywh
+from diode._boxes import Target, detections_as_targets, validate_targets, xyxy_to_cxcywh
+from diode.data.labels import read_yolo_labels
 from diode.inversion.augment import _check_generator
 
 __all__ = ["BBoxSampler", "FPSampling", "add_false_positives"]
@@ -64,41 +65,19 @@ def _check_size_range(min_size: float, max_size: float) -> tuple[float, float]:
 
 
 def _parse_yolo_labels(file: Path, num_classes: int) -> Layout:
-    """Read a YOLO label file (rows ``class cx cy w h``, normalized) into a layout."""
-    rows: list[list[float]] = []
-    labels: list[int] = []
-    lines: list[int] = []
-    for lineno, line in enumerate(file.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        where = f"{file}, line {lineno}"
-        if len(fields) != 5:
-            raise ValueError(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}")
-        try:
-            cls_f = float(fields[0])
-            cx, cy, w, h = (float(v) for v in fields[1:])
-        except ValueError as err:
-            raise ValueError(f"{where}: not a number ({err})") from err
-        if not cls_f.is_integer():
-            raise ValueError(f"{where}: class id {fields[0]!r} is not an integer")
-        if not 0 <= cls_f < num_classes:
-            raise ValueError(f"{where}: class id {int(cls_f)} is outside [0, {num_classes})")
-        if not all(math.isfinite(v) for v in (cx, cy, w, h)):
-            raise ValueError(f"{where}: box values must be finite, got {fields[1:]}")
-        if w <= 0 or h <= 0:
-            raise ValueError(f"{where}: box width and height must be positive, got w={w}, h={h}")
-        rows.append([cx, cy, w, h])
-        labels.append(int(cls_f))
-        lines.append(lineno)
-    boxes = cxcywh_to_xyxy(torch.tensor(rows, dtype=torch.float64).reshape(-1, 4))
+    """Read a YOLO label file (rows ``class cx cy w h``, normalized) into a layout (boxes in ``[0, 1]``)."""
+    target = read_yolo_labels(file, (1, 1))
+    boxes, labels = target["boxes"].double(), target["labels"]
+    out_of_range = labels >= num_classes
+    if out_of_range.any():
+        j = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"{file}, box {j}: class id {int(labels[j])} is outside [0, {num_classes})")
     outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= 1) | (boxes[:, 1] >= 1)
     if outside.any():
         j = int(outside.nonzero()[0, 0])
-        cx, cy, w, h = rows[j]
-        raise ValueError(f"{file}, line {lines[j]}: box (cx={cx}, cy={cy}, w={w}, h={h}) lies "
-                         "outside the normalized image [0, 1]")
-    return boxes.clamp(0, 1).float(), torch.tensor(labels, dtype=torch.int64)
+        raise ValueError(f"{file}, box {j} = {boxes[j].tolist()} (xyxy, normalized) lies outside the "
+                         "normalized image [0, 1]")
+    return boxes.clamp(0, 1).float(), labels
 
 
 def _manifest_label_files(manifest: Path) -> list[Path]:
