@@ -100,7 +100,8 @@ def test_from_labels_diode_manifest(tmp_path: Path) -> None:
     ("row", "problem"),
     [("0 0.5 0.5 0.2", ":2: expected 5 fields"), ("9 0.5 0.5 0.2 0.2", ", box 1: class id 9"),
      ("1 0.5 0.5 0 0.2", ":2: box must be finite with w > 0"), ("1 0.5 x 0.2 0.2", ":2: fields must be numbers"),
-     ("1.5 0.5 0.5 0.2 0.2", ":2: class id must be a non-negative integer"), ("1 3.0 0.5 0.2 0.2", ", box 1 .*outside")],
+     ("1.5 0.5 0.5 0.2 0.2", ":2: class id must be a non-negative integer"),
+     ("1 3.0 0.5 0.2 0.2", ", box 1 .*outside")],
 )
 def test_from_labels_rejects_bad_rows(tmp_path: Path, row: str, problem: str) -> None:
     _write(tmp_path / "bad.txt", f"1 0.5 0.5 0.2 0.2\n{row}\n")
