@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_YOLO_CFG, make_tiny_yolo
 
 from diode.cli import main
@@ -332,3 +333,21 @@ def test_sigint_and_sigterm_stop_synthesis_cleanly_and_resume_exactly(tmp_path: 
     assert _tree(run) == _tree(reference)
     for name in ("annotations.json", "metrics.csv"):
         assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_sampler_and_class_prior_specs() -> None:
+    from conftest import make_tiny_yolo
+
+    from diode.cli import _class_prior_from_args, _sampler_from_args
+
+    multibox = _sampler_from_args("multibox:2-3", 3)
+    counts = {len(t["labels"]) for t in multibox.sample(8, image_size=(64, 64),
+                                                        generator=torch.Generator().manual_seed(0))}
+    assert counts <= {2, 3} and counts
+    prior = _class_prior_from_args("teacher:0.5", make_tiny_yolo())
+    assert prior.shape == (3,) and abs(float(prior.sum()) - 1) < 1e-5
+    assert _class_prior_from_args(None, None) is None
+    with pytest.raises(SystemExit, match="--sampler must be"):
+        _sampler_from_args("grid", 3)
+    with pytest.raises(SystemExit, match="--class-prior must be"):
+        _class_prior_from_args("uniform", None)

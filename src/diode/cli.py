@@ -243,17 +243,42 @@ def load_stages(path: str | os.PathLike[str]) -> list[Any]:
     return stages
 
 
-def _sampler_from_args(spec: str, num_classes: int) -> Any:
+def _sampler_from_args(spec: str, num_classes: int, class_prior: Any = None) -> Any:
     from diode.inversion.sampler import BBoxSampler
 
-    if spec == "onebox":
-        return BBoxSampler.onebox(num_classes=num_classes)
-    if spec == "tiles" or spec.startswith("tiles:"):
-        k = int(spec.split(":", 1)[1]) if ":" in spec else 4
-        return BBoxSampler.tiles(num_classes=num_classes, k=k)
-    if spec.startswith("labels:"):
-        return BBoxSampler.from_labels(spec.split(":", 1)[1], num_classes=num_classes)
-    raise SystemExit(f"error: --sampler must be onebox, tiles[:K] or labels:PATH, got {spec!r}")
+    kind, _, arg = spec.partition(":")
+    try:
+        if spec == "onebox":
+            return BBoxSampler.onebox(num_classes=num_classes, class_prior=class_prior)
+        if kind == "tiles":
+            return BBoxSampler.tiles(num_classes=num_classes, k=int(arg) if arg else 4, class_prior=class_prior)
+        if kind == "multibox":
+            low, _, high = arg.partition("-") if arg else ("1", "", "4")
+            k = (int(low), int(high or low))
+            return BBoxSampler.multibox(num_classes=num_classes, k=k, class_prior=class_prior)
+        if kind == "labels" and arg:
+            return BBoxSampler.from_labels(arg, num_classes=num_classes, class_prior=class_prior)
+        if kind == "stats" and arg:
+            return BBoxSampler.from_statistics(arg, num_classes=num_classes, class_prior=class_prior)
+    except ValueError as e:
+        raise SystemExit(f"error: --sampler {spec}: {e}") from e
+    raise SystemExit(f"error: --sampler must be onebox, tiles[:K], multibox[:LOW-HIGH], labels:PATH or "
+                     f"stats:PATH, got {spec!r}")
+
+
+def _class_prior_from_args(spec: str | None, teacher: Any) -> Any:
+    """``None`` (uniform), or the teacher's own prior: ``teacher`` or ``teacher:T`` (temperature T)."""
+    if not spec:
+        return None
+    from diode.inversion.prior import estimate_class_prior
+
+    kind, _, temperature = spec.partition(":")
+    if kind != "teacher":
+        raise SystemExit(f"error: --class-prior must be teacher or teacher:T, got {spec!r}")
+    try:
+        return estimate_class_prior(teacher, temperature=float(temperature) if temperature else 1.0)
+    except ValueError as e:
+        raise SystemExit(f"error: --class-prior {spec}: {e}") from e
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
@@ -274,7 +299,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     fp = FPSampling(warmup=args.fp_warmup, every=args.fp_every) if args.fp_sampling else None
     synth = Synthesizer(teacher, loss=DeepInversionLoss(teacher), stages=stages, fp_sampling=fp,
                         log_every=args.log_every, amp=args.amp, compile=args.compile)
-    sampler = _sampler_from_args(args.sampler, teacher.num_classes)
+    sampler = _sampler_from_args(args.sampler, teacher.num_classes, _class_prior_from_args(args.class_prior, teacher))
     try:
         manifest = synthesize_dataset(synth, sampler, out, num_images=args.num_images, batch_size=args.batch_size,
                                       seed=args.seed, progress=False if args.quiet else None)
@@ -496,7 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=2500, help="single-stage iterations (default 2500)")
     p.add_argument("--lr", type=float, default=0.2, help="single-stage learning rate (default 0.2)")
     p.add_argument("--stages", help="TOML file with [[stage]] tables (overrides the three options above)")
-    p.add_argument("--sampler", default="onebox", help="onebox (default), tiles[:K] or labels:PATH")
+    p.add_argument("--sampler", default="onebox",
+                   help="box layouts: onebox (default), tiles[:K] (K boxes on a grid), multibox[:LOW-HIGH] "
+                        "(random non-overlapping boxes, 1-4 by default), labels:PATH (a YOLO labels folder or a "
+                        "run manifest), stats:PATH (new layouts drawn from a label set's box statistics)")
+    p.add_argument("--class-prior", metavar="teacher[:T]",
+                   help="sample classes from the teacher's own prior (estimated from neutral images, temperature "
+                        "T, default 1) instead of uniformly")
     p.add_argument("--fp-sampling", action="store_true", help="add teacher false positives as targets")
     p.add_argument("--fp-warmup", type=int, default=800, help="first iteration of FP sampling (default 800)")
     p.add_argument("--fp-every", type=int, default=100, help="iterations between FP updates (default 100)")
