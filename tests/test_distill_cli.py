@@ -26,12 +26,11 @@ INTERRUPTED = re.compile(r"^interrupted after (\d+)/(\d+) epochs; re-run the sam
 
 
 @pytest.fixture
-def tiny(tmp_path: Path) -> list[str]:
-    cfg, weights, names = tmp_path / "tiny.cfg", tmp_path / "tiny.weights", tmp_path / "tiny.names"
-    cfg.write_text(TINY_YOLO_CFG)
-    save_darknet_weights(make_tiny_yolo().model, weights)
-    names.write_text("circle\nsquare\ntriangle\n")
-    return ["--cfg", str(cfg), "--weights", str(weights), "--names", str(names)]
+def tiny_teacher(tmp_path: Path) -> list[str]:
+    """CLI flags of a tiny darknet teacher (3 classes, 64 px)."""
+    (tmp_path / "tiny.cfg").write_text(TINY_YOLO_CFG)
+    save_darknet_weights(make_tiny_yolo().model, tmp_path / "tiny.weights")
+    return ["--cfg", str(tmp_path / "tiny.cfg"), "--weights", str(tmp_path / "tiny.weights")]
 
 
 @pytest.fixture
@@ -46,15 +45,15 @@ def data(tmp_path: Path) -> Path:
     return root
 
 
-def _distill(tiny: list[str], data: Path, out: Path, *extra: str) -> list[str]:
-    return ["distill", *tiny, "--student", tiny[1], "--data", str(data), "--out", str(out), "--batch-size", "4",
+def _distill(teacher: list[str], data: Path, out: Path, *extra: str) -> list[str]:
+    return ["distill", *teacher, "--student", teacher[1], "--data", str(data), "--out", str(out), "--batch-size", "4",
             "--image-size", "64", "--device", "cpu", *extra]
 
 
-def test_plain_progress_lines_and_records_without_a_terminal(tmp_path: Path, tiny: list[str], data: Path,
+def test_plain_progress_lines_and_records_without_a_terminal(tmp_path: Path, tiny_teacher: list[str], data: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert main(_distill(tiny, data, out, "--epochs", "2", "--log-every", "1")) == 0
+    assert main(_distill(tiny_teacher, data, out, "--epochs", "2", "--log-every", "1")) == 0
     captured = capsys.readouterr()
     assert "\r" not in captured.out + captured.err  # no bar when the output is not a terminal
     printed = (captured.err + captured.out).splitlines()
@@ -66,12 +65,12 @@ def test_plain_progress_lines_and_records_without_a_terminal(tmp_path: Path, tin
         assert len(list(csv.DictReader(f))) == 4
     assert {"last.pt", "student.pt", "student.weights", "loss.png"} <= {p.name for p in out.iterdir()}
 
-    assert main(_distill(tiny, data, out, "--epochs", "3")) == 2
+    assert main(_distill(tiny_teacher, data, out, "--epochs", "3")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "(epochs: 2 -> 3)" in err and err.count("\n") == 1
 
     quiet = tmp_path / "quiet"
-    assert main(_distill(tiny, data, quiet, "--epochs", "1", "--log-every", "1", "--quiet", "--mode", "hybrid",
+    assert main(_distill(tiny_teacher, data, quiet, "--epochs", "1", "--log-every", "1", "--quiet", "--mode", "hybrid",
                          "--score-sampling", "--mosaic", "0.5", "--hsv", "0.01", "0.5", "0.3")) == 0
     captured = capsys.readouterr()
     assert "distilling" not in captured.err + captured.out and "distilled" in captured.out
@@ -89,10 +88,11 @@ def _wait_for_new_checkpoint(process: subprocess.Popen[str], checkpoint: Path, b
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_stop_after_an_epoch_and_the_same_command_resumes(tmp_path: Path, tiny: list[str],
+def test_sigint_and_sigterm_stop_after_an_epoch_and_the_same_command_resumes(tmp_path: Path, tiny_teacher: list[str],
                                                                              data: Path) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "diode", *_distill(tiny, data, out, "--epochs", "12", "--log-every", "1000")]
+    flags = _distill(tiny_teacher, data, out, "--epochs", "12", "--log-every", "1000")
+    command = [sys.executable, "-m", "diode", *flags]
     checkpoint = out / "last.pt"
     done = 0
     for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
@@ -121,7 +121,7 @@ def test_sigint_and_sigterm_stop_after_an_epoch_and_the_same_command_resumes(tmp
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_a_student_that_loads_and_evaluates(tmp_path: Path, tiny: list[str],
+def test_torchrun_two_processes_train_a_student_that_loads_and_evaluates(tmp_path: Path, tiny_teacher: list[str],
                                                                          data: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:
@@ -129,11 +129,11 @@ def test_torchrun_two_processes_train_a_student_that_loads_and_evaluates(tmp_pat
         port = s.getsockname()[1]
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*torchrun, "-m", "diode", *_distill(tiny, data, out, "--epochs", "2")],
+    result = subprocess.run([*torchrun, "-m", "diode", *_distill(tiny_teacher, data, out, "--epochs", "2")],
                             capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "batch 4 (2 processes)" in (out / "log.txt").read_text()
     assert result.stdout.count("distilled ") == 1  # rank 0 alone reports
-    assert main(["evaluate", "--model", "", "--cfg", tiny[1], "--weights", str(out / "student.pt"), "--data",
+    assert main(["evaluate", "--model", "", "--cfg", tiny_teacher[1], "--weights", str(out / "student.pt"), "--data",
                  str(data), "--size", "64", "--device", "cpu"]) == 0
     assert "mAP50" in capsys.readouterr().out
