@@ -390,7 +390,7 @@ class Distiller:
                     f"{steps} steps per epoch, epochs {self.epoch + 1}-{c.epochs}")
         show = (sys.stderr.isatty() if progress is None else progress) and primary
         self.teacher.model.eval()
-        saved = [self.epoch]  # the epochs a re-run skips: those in out's last checkpoint, or those in memory
+        saved = [self.epoch]  # the epochs a re-run skips: those in the last checkpoint, or in memory without out
         stopped = _stopped_after(saved, c.epochs, resumable=out is not None)
         with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar, stopped:
             for epoch in range(self.epoch, c.epochs):
@@ -401,8 +401,6 @@ class Distiller:
                     entry["eval"] = self._evaluate(eval_fn, epoch + 1)
                 self.history.append(entry)
                 self.epoch = epoch + 1
-                if out is None:
-                    saved[0] = self.epoch
                 scores = "".join(f", {k} {v:.4g}" for k, v in entry.get("eval", {}).items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool))
                 report.line(f"epoch {self.epoch}/{c.epochs} done: loss {entry['loss']:.4g}, "
@@ -412,6 +410,8 @@ class Distiller:
                         self._save_checkpoint(Path(out))
                         saved[0] = self.epoch
                         report.plot()
+                else:  # nothing to write here (rank 0 writes under torchrun)
+                    saved[0] = self.epoch
         _barrier(self.world)
         return list(self.history)
 
