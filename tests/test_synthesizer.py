@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_yolo, onebox_targets
 
 from diode import AugmentationPipeline, DeepInversionLoss, FPSampling, Stage, Synthesizer
-from diode.inversion.synthesizer import reference_stages
+from diode.inversion.synthesizer import FAST_FINE_LR, FAST_TASK_SCALE, fast_stages, reference_stages
 
 
 def _synth(teacher, stages=None, **kw) -> Synthesizer:
@@ -159,3 +159,61 @@ def test_extra_loss_terms_are_logged_with_the_builtin_ones() -> None:
         onebox_targets(2), generator=torch.Generator().manual_seed(0))
     assert all("dark" in h and "task" in h for h in result.history)
     assert "dark" in result.metrics
+
+
+def test_stage_loss_scale_multiplies_the_synthesizers_weights() -> None:
+    teacher = make_tiny_yolo()
+    loss = DeepInversionLoss(teacher, w_task=0.5, w_tv1=10.0)
+    scaled = Stage(64, 2, loss={"w_tv1": 2.0}, loss_scale={"w_task": 4.0, "w_tv1": 3.0}).loss_for(loss)
+    assert (scaled.w_task, scaled.w_tv1, scaled.w_bn) == (2.0, 6.0, loss.w_bn)
+    assert Stage(64, 2).loss_for(loss) is loss
+    for bad in ({"num_bn_layers": 2.0}, {"w_task": -1.0}, {"w_task": float("nan")}, {"w_tsk": 2.0}):
+        with pytest.raises(ValueError, match="w_tsk|loss_scale"):
+            Stage(64, 2, loss_scale=bad)
+
+
+def test_stage_loss_scale_changes_the_optimised_objective() -> None:
+    teacher = make_tiny_yolo()
+    totals = []
+    for factor in (1.0, 3.0):
+        synth = Synthesizer(teacher, stages=[Stage(64, 1, lr=0.1, loss_scale={"w_task": factor})], log_every=1)
+        result = synth.run(onebox_targets(2), generator=torch.Generator().manual_seed(0))
+        totals.append(result.history[0])
+    one, three = totals
+    assert one["task"] == pytest.approx(three["task"])
+    assert three["total"] - one["total"] == pytest.approx(2 * synth.loss.w_task * one["task"], rel=1e-4)
+
+
+def test_fast_stages_split_the_budget_coarse_to_fine() -> None:
+    coarse, fine = fast_stages(200)
+    assert (coarse.size, coarse.iterations, coarse.lr) == ((80, 80), 100, 0.2)
+    assert (fine.size, fine.iterations, fine.lr) == ((160, 160), 100, FAST_FINE_LR)
+    assert coarse.loss_scale == fine.loss_scale == {"w_task": FAST_TASK_SCALE}
+    assert [s.iterations for s in fast_stages(625, (96, 128), coarse_fraction=0.8)] == [500, 125]
+    assert fast_stages(625, (96, 128))[0].size == (48, 64)
+    (single,) = fast_stages(50, coarse_fraction=0.0, lr=0.1)
+    assert (single.size, single.iterations, single.lr) == ((160, 160), 50, 0.1)
+    with pytest.raises(ValueError, match="iterations"):
+        fast_stages(1)
+    with pytest.raises(ValueError, match="coarse_fraction"):
+        fast_stages(200, coarse_fraction=1.0)
+
+
+def test_fast_stages_run_and_return_full_resolution_images() -> None:
+    teacher = make_tiny_yolo()
+    targets = onebox_targets(2, size=32)
+    result = Synthesizer(teacher, stages=fast_stages(6, 64), log_every=3).run(
+        targets, generator=torch.Generator().manual_seed(0))
+    assert result.images.shape == (2, 3, 64, 64) and result.metrics["iterations"] == 6
+    torch.testing.assert_close(result.targets[0]["boxes"], targets[0]["boxes"] * 2)
+
+
+def test_cli_recipe_option_picks_the_schedule() -> None:
+    from diode.cli import _stages_from_args, build_parser
+
+    base = ["synthesize", "--teacher", "yolov3-tiny", "--out", "x", "--num-images", "4", "--batch-size", "4",
+            "--iterations", "200"]
+    default = _stages_from_args(build_parser().parse_args(base))
+    assert [(s.size, s.iterations, s.lr) for s in default] == [(s.size, s.iterations, s.lr) for s in fast_stages(200)]
+    (reference,) = _stages_from_args(build_parser().parse_args([*base, "--recipe", "reference", "--lr", "0.1"]))
+    assert (reference.size, reference.iterations, reference.lr, reference.loss_scale) == ((160, 160), 200, 0.1, {})

@@ -18,10 +18,13 @@ from diode._boxes import Target, pack_targets, unpack_targets, validate_targets
 from diode._utils import device_of
 from diode.adapters.base import DetectorAdapter
 from diode.inversion.augment import AugmentationPipeline
-from diode.inversion.loss import DeepInversionLoss, check_loss_options
+from diode.inversion.loss import LOSS_OPTIONS, DeepInversionLoss, check_loss_options
 from diode.inversion.sampler import FPSampling, add_false_positives
 
 logger = logging.getLogger(__name__)
+
+#: The loss weights a :class:`Stage` may scale (``num_bn_layers`` is a count, not a weight).
+_SCALABLE = tuple(k for k in LOSS_OPTIONS if k != "num_bn_layers")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Stage:
         augment: augmentation for this stage (``None``: the synthesizer's).
         loss: overrides of :class:`DeepInversionLoss` weights for this stage,
             e.g. ``{"first_bn_weight": 0.0, "num_bn_layers": 0.7}``.
+        loss_scale: factors on the synthesizer's loss weights for this stage (after ``loss``),
+            e.g. ``{"w_task": 4.0}``; relative, so a schedule keeps each teacher's own balance.
         fp_sampling: whether false-positive sampling (if configured) runs here.
     """
 
@@ -47,6 +52,7 @@ class Stage:
     betas: tuple[float, float] = (0.0, 0.0)
     augment: AugmentationPipeline | None = None
     loss: dict[str, Any] = field(default_factory=dict)
+    loss_scale: dict[str, float] = field(default_factory=dict)
     fp_sampling: bool = True
 
     def __post_init__(self) -> None:
@@ -62,6 +68,20 @@ class Stage:
             raise ValueError(f"Stage betas must be two values in [0, 1), got {self.betas}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         check_loss_options(self.loss)
+        check_loss_options(self.loss_scale)
+        for name, factor in self.loss_scale.items():
+            if name not in _SCALABLE or isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                    or not (math.isfinite(factor) and factor >= 0):
+                raise ValueError(f"Stage loss_scale[{name!r}] must be a finite factor >= 0 on one of "
+                                 f"{', '.join(_SCALABLE)}, got {factor!r}")
+        self.loss_scale = {k: float(v) for k, v in self.loss_scale.items()}
+
+    def loss_for(self, loss: DeepInversionLoss) -> DeepInversionLoss:
+        """``loss`` with this stage's overrides, then its factors, applied (``loss`` itself if none)."""
+        if not self.loss and not self.loss_scale:
+            return loss
+        options = {**loss.options(), **self.loss}
+        return loss.replace(**{**self.loss, **{k: options[k] * f for k, f in self.loss_scale.items()}})
 
     @property
     def size(self) -> tuple[int, int]:
@@ -85,6 +105,12 @@ class Stage:
 STAGE2_BN_FRACTION = 51 / 72
 
 
+#: :func:`fast_stages` defaults, measured on the COCO yolov3-tiny (docs/guide/synthesis.rst).
+FAST_COARSE_FRACTION = 0.5
+FAST_FINE_LR = 0.05
+FAST_TASK_SCALE = 4.0
+
+
 def reference_stages() -> list[Stage]:
     """The original DIODE recipe: 2500 iterations at 160 px, then 1500 at 320 px.
 
@@ -97,6 +123,51 @@ def reference_stages() -> list[Stage]:
               loss={"first_bn_weight": 0.0, "num_bn_layers": STAGE2_BN_FRACTION, "w_task": 1.0},
               fp_sampling=False),
     ]
+
+
+def fast_stages(
+    iterations: int = 200,
+    resolution: int | tuple[int, int] = 160,
+    *,
+    coarse_fraction: float = FAST_COARSE_FRACTION,
+    lr: float = 0.2,
+    fine_lr: float = FAST_FINE_LR,
+    task_scale: float = FAST_TASK_SCALE,
+) -> list[Stage]:
+    """A coarse-to-fine schedule for short budgets (the ``diode synthesize`` default).
+
+    The first ``coarse_fraction`` of ``iterations`` run at half ``resolution`` (a quarter of
+    the pixels, so about a quarter of the cost per iteration) with learning rate ``lr``;
+    the rest run at ``resolution``, from the upsampled images, with the lower ``fine_lr``
+    (the recipe's sign-like Adam steps at ``lr`` would bring back the pixel noise the coarse
+    stage avoided). Both stages multiply the loss's task weight by ``task_scale``. The loss
+    weights are otherwise the synthesizer's (the teacher's defaults), and the augmentation
+    is the synthesizer's (the recipe's) in both stages.
+
+    Args:
+        iterations: total optimisation steps, ``>= 2``.
+        resolution: final canvas, ``int`` (square) or ``(height, width)``.
+        coarse_fraction: share of ``iterations`` at half resolution, in ``[0, 1)``; ``0`` gives
+            one stage at ``resolution`` with ``lr``.
+        lr: learning rate of the first stage (cosine-annealed to 0).
+        fine_lr: learning rate of the full-resolution stage after a coarse one (cosine to 0).
+        task_scale: factor on the task weight in both stages.
+
+    Returns:
+        One or two :class:`Stage`.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 2:
+        raise ValueError(f"iterations must be an int >= 2, got {iterations!r}")
+    if not 0 <= coarse_fraction < 1:
+        raise ValueError(f"coarse_fraction must be in [0, 1), got {coarse_fraction!r}")
+    final = Stage(resolution, iterations, lr=lr).size
+    scale = {"w_task": task_scale}
+    coarse = min(iterations - 1, round(coarse_fraction * iterations))
+    if coarse == 0:
+        return [Stage(final, iterations, lr=lr, loss_scale=scale)]
+    half = (max(8, round(final[0] / 2)), max(8, round(final[1] / 2)))
+    return [Stage(half, coarse, lr=lr, loss_scale=scale),
+            Stage(final, iterations - coarse, lr=fine_lr, loss_scale=scale)]
 
 
 @dataclass
@@ -281,7 +352,7 @@ class Synthesizer:
         callback: Callable[[dict[str, float]], None] | None,
         bar: Any,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], dict[str, Tensor]]:
-        loss = self.loss.replace(**stage.loss) if stage.loss else self.loss
+        loss = stage.loss_for(self.loss)
         augment = stage.augment if stage.augment is not None else self.augment
         h, w = stage.size
         batch = x.shape[0]
