@@ -205,11 +205,13 @@ def _detect(teacher: Any, image: Any, *, size: int | None, conf: float, iou: flo
 
 
 def _stages_from_args(args: argparse.Namespace) -> list[Any]:
-    from diode.inversion.synthesizer import Stage
+    from diode.inversion.synthesizer import Stage, fast_stages
 
-    if not args.stages:
+    if args.stages:
+        return load_stages(args.stages)
+    if args.recipe == "reference":
         return [Stage(args.resolution, args.iterations, lr=args.lr)]
-    return load_stages(args.stages)
+    return fast_stages(args.iterations, args.resolution, lr=args.lr)
 
 
 def load_stages(path: str | os.PathLike[str]) -> list[Any]:
@@ -517,10 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--resolution", type=int, default=160, help="single-stage resolution (default 160)")
-    p.add_argument("--iterations", type=int, default=2500, help="single-stage iterations (default 2500)")
-    p.add_argument("--lr", type=float, default=0.2, help="single-stage learning rate (default 0.2)")
-    p.add_argument("--stages", help="TOML file with [[stage]] tables (overrides the three options above)")
+    p.add_argument("--recipe", choices=["fast", "reference"], default="fast",
+                   help="fast (default): coarse-to-fine within --iterations, the first half at half --resolution "
+                        "and --lr, the rest at --resolution with a lower rate, task weight x4 (diode.fast_stages); "
+                        "reference: one stage at --resolution and --lr with the reference recipe's weights (its "
+                        "stage 1; the whole recipe is --stages examples/reference_recipe.toml)")
+    p.add_argument("--resolution", type=int, default=160, help="final resolution (default 160)")
+    p.add_argument("--iterations", type=int, default=2500, help="iterations in all (default 2500)")
+    p.add_argument("--lr", type=float, default=0.2, help="learning rate of the first stage (default 0.2)")
+    p.add_argument("--stages", help="TOML file with [[stage]] tables (overrides --recipe and the three options "
+                   "above)")
     p.add_argument("--sampler", default="onebox",
                    help="box layouts: onebox (default), tiles[:K] (K boxes on a grid), multibox[:LOW-HIGH] "
                         "(random non-overlapping boxes, 1-4 by default), labels:PATH (a YOLO labels folder or a "
