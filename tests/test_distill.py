@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -586,3 +587,20 @@ def test_global_batch_must_cover_the_processes():
     full = [b for r in range(3) for b in _ShardedBatches(10, 4, 0, r, 3)]
     extra = int(sampler.permutation()[8])  # the last global batch (2 images < 3 ranks) is repeated cyclically
     assert sorted(i for b in full for i in b) == sorted([*range(10), extra])
+
+
+def test_progress_lines_print_once_above_the_bar(images: Path, capsys: pytest.CaptureFixture[str]):
+    package = logging.getLogger("diode")  # configured as the CLI does: a console handler, no propagation
+    handler = logging.StreamHandler(sys.stderr)
+    before = (package.level, package.propagate)
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        Distiller(_adapter(0, teacher=True), _adapter(1), epochs=1, **FAST).fit(images, progress=True)
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(before[0])
+        package.propagate = before[1]
+    err = capsys.readouterr().err
+    assert err.count("epoch 1/1 done: loss") == 1 and "distill: " in err and "\r" in err

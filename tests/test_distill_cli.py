@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -137,3 +138,28 @@ def test_torchrun_two_processes_train_a_student_that_loads_and_evaluates(tmp_pat
     assert main(["evaluate", "--model", "", "--cfg", tiny_teacher[1], "--weights", str(out / "student.pt"), "--data",
                  str(data), "--size", "64", "--device", "cpu"]) == 0
     assert "mAP50" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_gets_a_progress_bar_with_the_lines_above_it(tmp_path: Path, tiny_teacher: list[str],
+                                                              data: Path) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    master, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    command = [sys.executable, "-m", "diode", *_distill(tiny_teacher, data, tmp_path / "run", "--epochs", "2",
+                                                        "--log-every", "1")]
+    process = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, env=ENV)
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+        while chunk := os.read(master, 4096):
+            shown += chunk
+    os.close(master)
+    assert process.wait(timeout=300) == 0
+    text = shown.decode(errors="replace")
+    assert re.search(r"epoch 2/2: 100%\|.*\| 4/4 \[", text)  # the bar, with elapsed time and rate
+    assert text.count("epoch 1/2 done: loss") == 1

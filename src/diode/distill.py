@@ -919,8 +919,9 @@ def _progress(total: int, initial: int, show: bool) -> Iterator[Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     chain, current = [], logger
-    while current is not None:  # this logger and every ancestor its records reach
-        chain.append(current)
+    while current is not None:  # this logger and every ancestor its records reach, with a console handler
+        if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in current.handlers):
+            chain.append(current)
         current = current.parent if current.propagate else None  # type: ignore[assignment]
     bar = tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
     try:
