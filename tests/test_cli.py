@@ -114,8 +114,8 @@ def test_every_input_error_is_one_line_with_status_2(tmp_path: Path, tiny_teache
         ([*syn, *tiny_teacher, "--num-images", "0"], "--num-images must be >= 1"),
         ([*syn, *tiny_teacher, "--log-every", "0"], "--log-every must be >= 1"),
         (["synthesize", *tiny_teacher, "--out", str(run), "--num-images", "4", "--batch-size", "2",
-          "--resolution", "64", "--iterations", "1", "--device", "cpu"],
-         "different configuration (synthesizer.stages[0].iterations: 2 -> 1)"),
+          "--resolution", "64", "--iterations", "4", "--device", "cpu"],
+         "synthesizer.stages[1].iterations: 1 -> 2)"),
         (["detect", *tiny_teacher, str(tmp_path / "photo.png"), "--out", str(a_file)], "--out"),
         (["detect", *tiny_teacher, str(tmp_path / "nope.jpg")], "image"),
         (["detect", *tiny_teacher, str(tmp_path / "*.gif")], "no files match"),
@@ -182,7 +182,8 @@ def test_log_every_sets_the_progress_lines(tmp_path: Path, tiny_teacher: list[st
     for every, expected in ((1, 3), (3, 1)):
         out = tmp_path / f"every{every}"
         assert main(["synthesize", *tiny_teacher, "--out", str(out), "--num-images", "2", "--batch-size", "2",
-                     "--resolution", "64", "--iterations", "3", "--device", "cpu", "--log-every", str(every)]) == 0
+                     "--resolution", "64", "--iterations", "3", "--device", "cpu", "--log-every", str(every),
+                     "--recipe", "reference"]) == 0
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if "  iter " in line]
         assert len(lines) == expected and lines[-1].startswith("batch 1/1  iter 3/3  lr ")
