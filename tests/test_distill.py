@@ -479,6 +479,17 @@ def test_colour_jitter_rotates_hue_about_grey_and_scales_saturation_and_value():
     assert torch.equal(Distiller(_adapter(0, teacher=True), _adapter(1), augment=False, **FAST)._augmented(x, 0, 0), x)
 
 
+def test_colour_jitter_is_on_by_default_where_it_helps():
+    assert DistillConfig().colour_gains == (0.0, 0.0, 0.0)  # outputs mode
+    assert DistillConfig(mode="pseudo_labels").colour_gains == (0.015, 0.5, 0.3)
+    assert DistillConfig(mode="hybrid").colour_gains == (0.015, 0.5, 0.3)
+    assert DistillConfig(mode="hybrid", hsv=(0, 0, 0)).colour_gains == (0.0, 0.0, 0.0)
+    assert DistillConfig(hsv=[0.1, 0.2, 0.3]).colour_gains == (0.1, 0.2, 0.3)
+    x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    d = Distiller(_adapter(0, teacher=True), _adapter(1), mode="pseudo_labels", augment=False, **FAST)
+    assert d.config.hsv is None and not torch.equal(d._augmented(x, 0, 0), x)
+
+
 # modes, records, progress, interrupts --------------------------------------------------------
 
 

@@ -451,7 +451,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         eval_fn = (lambda model, epoch: evaluate(model, args.eval_data, image_size=size)) if args.eval_data else None
         distiller = Distiller(teacher, student, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
                               image_size=args.image_size, lr=args.lr, seed=args.seed, amp=args.amp, conf=args.conf,
-                              score_sampling=args.score_sampling, mosaic=args.mosaic, hsv=tuple(args.hsv),
+                              score_sampling=args.score_sampling, mosaic=args.mosaic,
+                              hsv=tuple(args.hsv) if args.hsv is not None else None,
                               augment=not args.no_augment, num_workers=args.workers, log_every=args.log_every)
         # Interrupted (Ctrl-C, SIGTERM), fit raises the one-line RunInterrupted after the last saved epoch.
         history = distiller.fit(args.data, out=out, eval_fn=eval_fn, progress=False if args.quiet else None)
@@ -582,9 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep each pseudo label with probability equal to its score (soft targets)")
     p.add_argument("--mosaic", type=float, default=distill_defaults.mosaic,
                    help=f"probability of a 2x2 mosaic per image (default {distill_defaults.mosaic})")
-    p.add_argument("--hsv", type=float, nargs=3, metavar=("H", "S", "V"), default=list(distill_defaults.hsv),
-                   help="colour jitter gains: hue turn, saturation and value factors (default "
-                        f"{' '.join(map(str, distill_defaults.hsv))}; 0 0 0: off)")
+    pseudo_hsv = " ".join(map(str, DistillConfig(mode="pseudo_labels").colour_gains))
+    p.add_argument("--hsv", type=float, nargs=3, metavar=("H", "S", "V"),
+                   help=f"colour jitter gains: hue turn, saturation and value factors (default {pseudo_hsv} for "
+                        "pseudo_labels and hybrid, off for outputs; 0 0 0: off)")
     p.add_argument("--no-augment", action="store_true", help="no flip, crop and brightness/contrast jitter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-data", help="labelled folder evaluated after every epoch")

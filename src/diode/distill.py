@@ -74,6 +74,8 @@ _FORMAT = "diode.distill/1"
 # Fields that do not change the result and so may differ when resuming.
 _RESUME_FREE = ("num_workers", "log_every")
 _SGD_MOMENTUM = 0.937
+# Colour jitter of the pseudo_labels and hybrid modes (docs/guide/distillation.rst: measured effect).
+_PSEUDO_LABEL_HSV = (0.015, 0.5, 0.3)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -129,7 +131,10 @@ class DistillConfig:
             half-size images of its batch (before the other augmentations), in ``[0, 1]``.
         hsv: colour jitter gains ``(hue, saturation, value)``: per image a hue rotation of
             up to ``hue`` of a turn about the grey axis and saturation and value factors in
-            ``[1 - gain, 1 + gain]``; ``(0, 0, 0)`` switches it off.
+            ``[1 - gain, 1 + gain]``; ``(0, 0, 0)`` switches it off. ``None``: ``(0.015, 0.5, 0.3)``
+            in the ``"pseudo_labels"`` and ``"hybrid"`` modes, where it helps a student learn from
+            synthesized images, and off in ``"outputs"`` mode, where it does not
+            (:attr:`colour_gains` is the value in effect).
         num_workers: ``DataLoader`` worker processes reading the images.
         seed: seed of the shuffling and the augmentation, ``>= 0``.
         amp: bfloat16 autocast of the forward passes.
@@ -154,7 +159,7 @@ class DistillConfig:
     pseudo_weight: float = 0.05
     augment: bool = True
     mosaic: float = 0.0
-    hsv: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    hsv: tuple[float, float, float] | None = None
     num_workers: int = 0
     seed: int = 0
     amp: bool = False
@@ -191,15 +196,23 @@ class DistillConfig:
         _check_number("pseudo_weight", self.pseudo_weight, 0.0, math.inf, open_low=True, open_high=True)
         _check_number("mosaic", self.mosaic, 0.0, 1.0)
         hsv = self.hsv
-        if isinstance(hsv, (str, bytes)) or not isinstance(hsv, Sequence) or len(hsv) != 3:
-            raise ValueError(f"hsv must be three gains (hue, saturation, value), got {hsv!r}")
-        for name, gain, high in zip(("hsv hue", "hsv saturation", "hsv value"), hsv, (0.5, 1.0, 1.0),
-                                    strict=True):
-            _check_number(name, gain, 0.0, high)
-        object.__setattr__(self, "hsv", tuple(float(g) for g in hsv))
+        if hsv is not None:
+            if isinstance(hsv, (str, bytes)) or not isinstance(hsv, Sequence) or len(hsv) != 3:
+                raise ValueError(f"hsv must be three gains (hue, saturation, value) or None, got {hsv!r}")
+            for name, gain, high in zip(("hsv hue", "hsv saturation", "hsv value"), hsv, (0.5, 1.0, 1.0),
+                                        strict=True):
+                _check_number(name, gain, 0.0, high)
+            object.__setattr__(self, "hsv", tuple(float(g) for g in hsv))
         for name in ("augment", "amp", "score_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def colour_gains(self) -> tuple[float, float, float]:
+        """The ``hsv`` gains in effect: ``hsv``, or the mode's default when it is ``None``."""
+        if self.hsv is not None:
+            return self.hsv
+        return (0.0, 0.0, 0.0) if self.mode == "outputs" else _PSEUDO_LABEL_HSV
 
     def lr_at(self, progress: float) -> float:
         """The learning rate after ``progress`` epochs of training (``0 < progress <= epochs``)."""
@@ -521,7 +534,7 @@ class Distiller:
             float ``[B, 3, H, W]`` in ``[0, 1]`` (``images`` itself when nothing is on).
         """
         c = self.config
-        if not (c.augment or c.mosaic > 0 or any(c.hsv)):
+        if not (c.augment or c.mosaic > 0 or any(c.colour_gains)):
             return images
         g = self._generator(1, epoch, step)
         if c.mosaic > 0:
@@ -530,8 +543,8 @@ class Distiller:
             no_boxes = images.new_zeros(0, 4)
             no_index = torch.zeros(0, dtype=torch.long, device=self.device)
             images = self._augment.forward_packed(images, no_index, no_index, no_boxes, generator=g)[0]
-        if any(c.hsv):
-            images = _colour_jitter(images, c.hsv, g)
+        if any(c.colour_gains):
+            images = _colour_jitter(images, c.colour_gains, g)
         return images.clamp(0, 1)
 
     @torch.no_grad()
