@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from diode import hub
-from diode.adapters.ultralytics import YOLOv8Adapter, letterbox
+from diode.adapters._common import letterbox
+from diode.adapters.ultralytics import PAD_VALUE, YOLOv8Adapter
 from diode.data.io import load_image
 
 MODELS = {"yolov10n": ("dog.jpg", "horses.jpg", "person.jpg", "kite.jpg"), "yolov8s-fall": ("person.jpg", "kite.jpg")}
@@ -121,7 +122,7 @@ def main() -> int:
         print(f"{name}: pattern raw max |diode - ultralytics| = {entry['pattern_max_abs_diff']:.3g}")
         for photo in photos:
             image = load_image(args.images / photo)
-            boxed = letterbox(image, 640, adapter.size_divisor)[0][None]
+            boxed = letterbox(image, 640, stride=adapter.size_divisor, fill=PAD_VALUE)[0][None]
             diff = max_diff(diode_raw(adapter, boxed), ultralytics_raw(reference, boxed))
             result = yolo.predict(str(args.images / photo), imgsz=640, conf=0.25, device="cpu", verbose=False)[0]
             fused = max_diff(diode_raw(adapter, boxed), ultralytics_raw(yolo.model, boxed))
