@@ -46,7 +46,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,6 +53,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from diode._boxes import Target, detections_as_targets
 from diode._interrupt import RunInterrupted, signal_number
+from diode._utils import check_int, check_number, derive_seed, device_of
 from diode.adapters._common import module_mode
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
@@ -76,23 +76,6 @@ _RESUME_FREE = ("num_workers", "log_every")
 _SGD_MOMENTUM = 0.937
 # Colour jitter of the pseudo_labels and hybrid modes (docs/guide/distillation.rst: measured effect).
 _PSEUDO_LABEL_HSV = (0.015, 0.5, 0.3)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool = False,
-                  open_high: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and (
-            value < high if open_high else value <= high
-        )
-    if not ok:
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +155,7 @@ class DistillConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("num_workers", 0), ("seed", 0),
                               ("log_every", 1)):
-            _check_int(name, getattr(self, name), minimum)
+            check_int(name, getattr(self, name), minimum)
         size = self.image_size
         pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
         if (
@@ -184,24 +167,24 @@ class DistillConfig:
                 f"image_size must be a positive int or a (height, width) pair, got {size!r}"
             )
         object.__setattr__(self, "image_size", (int(pair[0]), int(pair[1])))
-        _check_number("lr", self.lr, 0.0, math.inf, open_low=True, open_high=True)
-        _check_number("weight_decay", self.weight_decay, 0.0, math.inf, open_high=True)
-        _check_number("warmup_epochs", self.warmup_epochs, 0.0, math.inf, open_high=True)
-        _check_number("final_lr_ratio", self.final_lr_ratio, 0.0, 1.0)
+        check_number("lr", self.lr, 0.0, math.inf, open_low=True, open_high=True)
+        check_number("weight_decay", self.weight_decay, 0.0, math.inf, open_high=True)
+        check_number("warmup_epochs", self.warmup_epochs, 0.0, math.inf, open_high=True)
+        check_number("final_lr_ratio", self.final_lr_ratio, 0.0, 1.0)
         if self.ema is not None:
-            _check_number("ema", self.ema, 0.0, 1.0, open_high=True)
-        _check_number("ema_tau", self.ema_tau, 0.0, math.inf, open_low=True, open_high=True)
-        _check_number("conf", self.conf, 0.0, 1.0)
-        _check_number("iou", self.iou, 0.0, 1.0)
-        _check_number("pseudo_weight", self.pseudo_weight, 0.0, math.inf, open_low=True, open_high=True)
-        _check_number("mosaic", self.mosaic, 0.0, 1.0)
+            check_number("ema", self.ema, 0.0, 1.0, open_high=True)
+        check_number("ema_tau", self.ema_tau, 0.0, math.inf, open_low=True, open_high=True)
+        check_number("conf", self.conf, 0.0, 1.0)
+        check_number("iou", self.iou, 0.0, 1.0)
+        check_number("pseudo_weight", self.pseudo_weight, 0.0, math.inf, open_low=True, open_high=True)
+        check_number("mosaic", self.mosaic, 0.0, 1.0)
         hsv = self.hsv
         if hsv is not None:
             if isinstance(hsv, (str, bytes)) or not isinstance(hsv, Sequence) or len(hsv) != 3:
                 raise ValueError(f"hsv must be three gains (hue, saturation, value) or None, got {hsv!r}")
             for name, gain, high in zip(("hsv hue", "hsv saturation", "hsv value"), hsv, (0.5, 1.0, 1.0),
                                         strict=True):
-                _check_number(name, gain, 0.0, high)
+                check_number(name, gain, 0.0, high)
             object.__setattr__(self, "hsv", tuple(float(g) for g in hsv))
         for name in ("augment", "amp", "score_sampling"):
             if not isinstance(getattr(self, name), bool):
@@ -266,8 +249,8 @@ class Distiller:
             raise ValueError("teacher and student are the same model; build a separate student")
         self.teacher = teacher
         self.student = student
-        self.device = _device_of(student, "student")
-        teacher_device = _device_of(teacher, "teacher")
+        self.device = device_of(student, "student")
+        teacher_device = device_of(teacher, "teacher")
         if teacher_device != self.device:
             raise ValueError(
                 f"teacher is on {teacher_device} but student is on {self.device}; "
@@ -521,7 +504,7 @@ class Distiller:
 
     def _generator(self, purpose: int, epoch: int, step: int) -> torch.Generator:
         """A generator on the training device seeded by ``(seed, purpose, epoch, step, rank)``."""
-        key = _derive_seed(self.config.seed, purpose, epoch, step, self.rank)
+        key = derive_seed(self.config.seed, purpose, epoch, step, self.rank)
         return torch.Generator(device=self.device).manual_seed(key)
 
     def _augmented(self, images: Tensor, epoch: int, step: int) -> Tensor:
@@ -687,7 +670,7 @@ class _ShardedBatches(Sampler[list[int]]):
 
     def permutation(self) -> Tensor:
         """The epoch's order of all ``n`` indices, the same on every rank."""
-        g = torch.Generator().manual_seed(_derive_seed(self.seed, 0, self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, 0, self.epoch))
         return torch.randperm(self.n, generator=g)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -790,20 +773,8 @@ def _colour_jitter(images: Tensor, gains: tuple[float, float, float], generator:
     return x * (1 + val)[:, None, None, None]
 
 
-def _derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from non-negative ints."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def _round_to(size: int, divisor: int) -> int:
     return max(divisor, round(size / divisor) * divisor)
-
-
-def _device_of(adapter: DetectorAdapter, name: str) -> torch.device:
-    param = next(iter(adapter.model.parameters()), None)
-    if param is None:
-        raise ValueError(f"{name}.model has no parameters")
-    return param.device
 
 
 def _make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
