@@ -164,7 +164,7 @@ def test_two_processes_with_batchnorm_differ_only_by_per_rank_statistics_and_res
 
 
 def test_the_global_batch_must_cover_the_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("diode.distill._rank_and_world", lambda: (0, 4))
+    monkeypatch.setattr("diode.distill.rank_and_world", lambda: (0, 4))
     teacher, student = _pair(False, student_seed=1)
     with pytest.raises(ValueError, match="batch_size 3 is the global batch and must be at least the number of "
                                          "processes, 4"):

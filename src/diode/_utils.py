@@ -1,13 +1,13 @@
 """The single home of small helpers every part of diode needs: device lookup, seeds, validation.
 
 One of each: a second copy elsewhere is a bug (``duplicates --change`` checks).
-Atomic file writes live in :mod:`diode.data.io`; progress bars with their logging
-redirection next to the job that shows them.
+Atomic file writes live in :mod:`diode.data.io`, the progress bar in :mod:`diode._progress`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -52,3 +52,24 @@ def check_number(name: str, value: Any, low: float, high: float, *, open_low: bo
     if not ok:
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, else ``(0, 1)``.
+
+    Raises:
+        RuntimeError: ``WORLD_SIZE > 1`` (launched by torchrun) without an initialised group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group() first (the diode CLI does it under torchrun)")
+    return 0, 1
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if world > 1:
+        torch.distributed.barrier()

@@ -53,14 +53,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from diode._boxes import Target, detections_as_targets
 from diode._interrupt import RunInterrupted, signal_number
-from diode._utils import check_int, check_number, derive_seed, device_of
+from diode._progress import progress_bar
+from diode._utils import barrier, check_int, check_number, derive_seed, device_of, rank_and_world
 from diode.adapters._common import module_mode
 from diode.adapters.base import DetectorAdapter
 from diode.data.folder import DetectionFolder
 from diode.data.io import PathLike, atomic_write_bytes
 from diode.data.records import LOG, METRICS, PLOT, RunRecords
 from diode.inversion.augment import AugmentationPipeline
-from diode.inversion.job import _barrier, _rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Distiller:
                 f"mode={c.mode!r} needs the teacher's classes, but the teacher has "
                 f"{teacher.num_classes} and the student {student.num_classes}"
             )
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = rank_and_world()
         if c.batch_size < self.world:
             raise ValueError(f"batch_size {c.batch_size} is the global batch and must be at least the "
                              f"number of processes, {self.world}; raise batch_size")
@@ -388,7 +388,8 @@ class Distiller:
         self.teacher.model.eval()
         saved = [self.epoch]  # the epochs a re-run skips: those in the last checkpoint, or in memory without out
         stopped = _stopped_after(saved, c.epochs, resumable=out is not None)
-        with _progress(c.epochs * steps, self.epoch * steps, show) as report.bar, stopped:
+        with progress_bar(c.epochs * steps, initial=self.epoch * steps, show=show, logger=logger, desc="distill",
+                          unit="step") as report.bar, stopped:
             for epoch in range(self.epoch, c.epochs):
                 sampler.epoch = epoch
                 start = time.perf_counter()
@@ -408,7 +409,7 @@ class Distiller:
                         report.plot()
                 else:  # nothing to write here (rank 0 writes under torchrun)
                     saved[0] = self.epoch
-        _barrier(self.world)
+        barrier(self.world)
         return list(self.history)
 
     # training -----------------------------------------------------------------------------
@@ -891,25 +892,3 @@ def _stopped_after(saved: list[int], epochs: int, *, resumable: bool) -> Iterato
     except KeyboardInterrupt as e:
         hint = "; re-run the same command to resume" if resumable else ""
         raise RunInterrupted(f"interrupted after {saved[0]}/{epochs} epochs{hint}", signum=signal_number(e)) from e
-
-
-@contextlib.contextmanager
-def _progress(total: int, initial: int, show: bool) -> Iterator[Any]:
-    """A tqdm bar over ``total`` steps (``None`` unless ``show``); meanwhile console log lines print above it."""
-    if not show:
-        yield None
-        return
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    chain, current = [], logger
-    while current is not None:  # this logger and every ancestor its records reach, with a console handler
-        if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in current.handlers):
-            chain.append(current)
-        current = current.parent if current.propagate else None  # type: ignore[assignment]
-    bar = tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
-    try:
-        with logging_redirect_tqdm(loggers=chain):
-            yield bar
-    finally:
-        bar.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 import torch
 
 from diode._interrupt import RunInterrupted, signal_number
-from diode._utils import derive_seed
+from diode._progress import progress_bar
+from diode._utils import barrier, derive_seed, rank_and_world
 from diode.data.io import PathLike
 from diode.data.run import RunFolder
 from diode.inversion.sampler import BBoxSampler
@@ -104,10 +104,10 @@ def synthesize_dataset(
         "num_images": int(num_images),
         **(config or {}),
     }
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if rank == 0:
         run = RunFolder(out, config=full_config, class_names=teacher.class_names)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         run = RunFolder(out, config=full_config, class_names=teacher.class_names, primary=False)
     num_batches = -(-num_images // batch_size)
@@ -147,7 +147,7 @@ def synthesize_dataset(
             message = f"interrupted after {finished}/{num_batches} batches; re-run the same command to resume"
             run.log(message)
             raise RunInterrupted(message, signum=signal_number(e)) from None
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         return {}
     manifest = run.finalize(num_batches)
@@ -222,8 +222,8 @@ class _Report:
 class _ProgressBar:
     """A tqdm bar over images (fractional while a batch runs, so the ETA moves), or nothing.
 
-    While it is shown, log records of the ``diode`` and root loggers go through
-    ``tqdm.write`` so they do not break the bar.
+    While it is shown, this module's console log records print above it
+    (:func:`diode._progress.progress_bar`).
     """
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
@@ -233,14 +233,9 @@ class _ProgressBar:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _ProgressBar:
-        if self.enabled:
-            from tqdm.auto import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            self._stack.enter_context(logging_redirect_tqdm([logging.getLogger(), logging.getLogger("diode")]))
-            self.bar = self._stack.enter_context(
-                tqdm(total=self.total, initial=self.initial, desc=self._count(), dynamic_ncols=True,
-                     bar_format="{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"))
+        self.bar = self._stack.enter_context(
+            progress_bar(self.total, initial=self.initial, show=self.enabled, logger=logger, desc=self._count(),
+                         bar_format="{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -259,18 +254,3 @@ class _ProgressBar:
 
     def _count(self) -> str:
         return f"{int(self.images + 1e-6)}/{self.total} images"
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not initialized: call "
-                           "torch.distributed.init_process_group() first (the diode CLI does it under torchrun)")
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()

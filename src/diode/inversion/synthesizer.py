@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diode._boxes import Target, pack_targets, unpack_targets, validate_targets
+from diode._progress import progress_bar
 from diode._utils import device_of
 from diode.adapters.base import DetectorAdapter
 from diode.inversion.augment import AugmentationPipeline
@@ -313,15 +314,12 @@ class Synthesizer:
         parts: dict[str, Tensor] = {}
         start = time.perf_counter()
         total_iters = 0
-        bar = _progress(sum(s.iterations for s in self.stages)) if self.progress else None
-        try:
+        with progress_bar(sum(s.iterations for s in self.stages), show=self.progress, logger=logger,
+                          desc="iterations", leave=False) as bar:
             for stage_idx, stage in enumerate(self.stages):
                 x = _resize(x, stage.size)
                 x, norm, parts = self._run_stage(stage_idx, stage, x, norm, dev_gen, history, callback, bar)
                 total_iters += stage.iterations
-        finally:
-            if bar is not None:
-                bar.close()
         seconds = time.perf_counter() - start
         images = x.detach().contiguous()
         final_targets = _denormalize(norm, images.shape[-2:], batch)
@@ -490,9 +488,3 @@ def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
     if amp in ("fp16", True):
         return torch.float16
     raise ValueError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
-
-
-def _progress(total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="iterations", leave=False, dynamic_ncols=True)
