@@ -179,6 +179,51 @@ def phase(name: str, seconds: dict[str, float]) -> Iterator[None]:
     print(f"[{name}] done in {seconds[name]:.0f} s", flush=True)
 
 
+class Resume:
+    """Finished phases of a run folder, so that running into the same folder again resumes.
+
+    A trained teacher is kept as ``DIR/teacher*.pt`` and loaded instead of trained again;
+    each finished student's mAP50 is kept in ``DIR/phases.json`` (written to a temporary
+    name, then renamed). Synthesis resumes by itself: :func:`diode.synthesize_dataset`
+    skips the batches its run folder already holds.
+    """
+
+    def __init__(self, out: Path, config: Any, *, log: Callable[[str], None] = print) -> None:
+        self.path = out / "phases.json"
+        self.log = log
+        self.config = json.loads(json.dumps(dataclasses.asdict(config)))
+        self.done: dict[str, Any] = {}
+        if self.path.is_file():
+            recorded = json.loads(self.path.read_text())
+            if recorded["config"] != self.config:
+                raise SystemExit(f"{out} holds a run of another configuration ({self.path}); choose a new --out")
+            self.done = recorded["phases"]
+
+    def value(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The recorded value of phase ``name``, or ``compute()``, recorded."""
+        if name in self.done:
+            self.log(f"  {name}: {self.done[name]} (recorded in {self.path.name})")
+            return self.done[name]
+        self.done[name] = compute()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"config": self.config, "phases": self.done}, indent=2) + "\n")
+        tmp.replace(self.path)
+        return self.done[name]
+
+    def teacher(self, model: diode.DetectorAdapter, path: Path,
+                train: Callable[[diode.DetectorAdapter], None]) -> diode.DetectorAdapter:
+        """``model`` frozen, with the weights saved at ``path`` or trained by ``train(model)`` and saved there."""
+        if path.is_file():
+            model.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.log(f"  teacher weights from {path.name}")
+        else:
+            train(model)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(model.model.state_dict(), tmp)
+            tmp.replace(path)
+        return model.freeze()
+
+
 def evaluate_map50(model: diode.DetectorAdapter, images: Tensor, targets: list[dict[str, Tensor]],
                    *, batch_size: int = 100) -> float:
     """mAP50 of ``model`` on ``images`` ``[N, 3, S, S]`` against ``targets`` (xyxy pixels)."""
@@ -298,13 +343,12 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     with phase("data", seconds):
         train_x, train_t, val_x, val_t = render_data(config)
 
+    resume = Resume(out, config, log=log)
     with phase("teacher", seconds):
         torch.manual_seed(config.seed)
         teacher = build_model(config.width, names, size)
-        train_teacher(teacher, train_x, train_t, config, log=log)
-        teacher.freeze()
+        resume.teacher(teacher, out / "teacher.pt", lambda m: train_teacher(m, train_x, train_t, config, log=log))
         teacher_map50 = evaluate_map50(teacher, val_x, val_t)
-        torch.save(teacher.model.state_dict(), out / "teacher.pt")
         log(f"  teacher mAP50 on held-out shapes: {teacher_map50:.3f}")
 
     folders: dict[str, Path] = {}
@@ -324,16 +368,22 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     map50: dict[str, float] = {}
     for name in SOURCES:
         with phase(f"distill_{name}", seconds):
-            torch.manual_seed(config.seed + 100)
-            student = distill(teacher, build_model(config.width, names, size), folders[name], config)
-            map50[name] = evaluate_map50(student, val_x, val_t)
+            def train_student(name: str = name) -> float:
+                torch.manual_seed(config.seed + 100)
+                student = distill(teacher, build_model(config.width, names, size), folders[name], config)
+                return evaluate_map50(student, val_x, val_t)
+
+            map50[name] = resume.value(f"distill_{name}", train_student)
             log(f"  student mAP50 ({name}): {map50[name]:.3f}")
 
     with phase("cross_arch", seconds):
-        torch.manual_seed(config.seed + 200)
-        narrow = distill(teacher, build_model(config.narrow_width, names, size), folders["diode"], config,
-                         mode="pseudo_labels")
-        cross = evaluate_map50(narrow, val_x, val_t)
+        def train_narrow() -> float:
+            torch.manual_seed(config.seed + 200)
+            narrow = distill(teacher, build_model(config.narrow_width, names, size), folders["diode"], config,
+                             mode="pseudo_labels")
+            return evaluate_map50(narrow, val_x, val_t)
+
+        cross = resume.value("cross_arch", train_narrow)
         log(f"  narrow student mAP50 (pseudo_labels, diode images): {cross:.3f}")
     seconds["total"] = round(time.perf_counter() - start, 1)
 

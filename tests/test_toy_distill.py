@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -58,6 +59,27 @@ def test_smoke_run_writes_results(tmp_path):
     for name in toy.SOURCES:
         assert (tmp_path / "previews" / f"{name}.png").is_file()
         assert len(list((tmp_path / "data" / name).rglob("*.png"))) >= toy.SMOKE.images
+
+
+def test_a_second_run_into_the_same_folder_resumes(tmp_path, capsys):
+    toy = _load_script()
+    threads = torch.get_num_threads()
+    try:
+        toy.main(["--out", str(tmp_path), "--smoke", "--threads", "1"])
+        recorded = json.loads((tmp_path / "phases.json").read_text())
+        assert set(recorded["phases"]) == {f"distill_{name}" for name in toy.SOURCES} | {"cross_arch"}
+        recorded["phases"]["distill_noise"] = 0.123  # a marker: a resumed run reports it, a fresh one cannot
+        (tmp_path / "phases.json").write_text(json.dumps(recorded))
+        teacher = (tmp_path / "teacher.pt").read_bytes()
+        capsys.readouterr()
+        results = toy.main(["--out", str(tmp_path), "--smoke", "--threads", "1"])
+        assert results["map50"]["noise"] == 0.123
+        assert "teacher weights from teacher.pt" in capsys.readouterr().out
+        assert (tmp_path / "teacher.pt").read_bytes() == teacher
+        with pytest.raises(SystemExit, match="another configuration"):
+            toy.main(["--out", str(tmp_path), "--smoke", "--seed", "1"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_goal_uses_the_onebox_sources_and_reports_the_best_one():
