@@ -10,8 +10,13 @@ its round alike). The floor is measured twice: with the
 default (contiguous) memory format, the plain way to run the teacher, and with
 channels-last, the format the synthesizer runs the teacher in.
 
+``--schedules`` adds the cost per iteration of the two ``diode synthesize`` recipes, timed
+the same way over whole schedules of ``--iters`` iterations: ``--recipe fast``
+(:func:`diode.fast_stages`: half the iterations at half the resolution) against
+``--recipe reference`` (one stage at the full resolution).
+
     python benchmarks/synthesis_speed.py [--teachers yolov3-tiny yolov10n tv:ssdlite320_mobilenet_v3_large]
-        [--batch-sizes 4 32] [--iters 30] [--rounds 7] [--device cpu]
+        [--batch-sizes 4 32] [--iters 30] [--rounds 7] [--device cpu] [--schedules]
 """
 
 from __future__ import annotations
@@ -46,10 +51,12 @@ def bare_forward_backward(teacher: Any, x: torch.Tensor, targets: list, iters: i
     return (time.perf_counter() - start) / iters
 
 
-def synthesizer_iteration(teacher: Any, targets: list, res: int, iters: int,
-                          amp: bool) -> float:
-    synth = diode.Synthesizer(teacher, stages=[diode.Stage(res, iters, lr=0.2)], log_every=iters, amp=amp)
-    result = synth.run(targets, generator=torch.Generator().manual_seed(0))
+def synthesizer_iteration(teacher: Any, targets: list, res: int, iters: int, amp: bool,
+                          stages: list[diode.Stage] | None = None) -> float:
+    """Seconds per iteration of ``Synthesizer.run`` (one stage at ``res`` unless ``stages``)."""
+    stages = stages or [diode.Stage(res, iters, lr=0.2)]
+    synth = diode.Synthesizer(teacher, stages=stages, log_every=iters, amp=amp)
+    result = synth.run(targets, generator=torch.Generator().manual_seed(0), image_size=(res, res))
     return result.metrics["seconds_per_iteration"]
 
 
@@ -64,6 +71,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--schedules", action="store_true",
+                        help="also time the fast and reference recipes of diode synthesize per iteration")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
@@ -75,6 +84,14 @@ def main() -> None:
                                  device=device)
         for bs in args.batch_sizes:
             _measure(spec, teacher, bs, args, device)
+    if args.schedules:
+        print(f"\n{'teacher':>34} {'batch':>5} {'reference recipe':>17} {'fast recipe':>12} {'fast/reference':>15}"
+              "   (seconds per iteration over whole schedules)")
+        for spec in args.teachers:
+            teacher = create_adapter(spec, num_classes=None if spec in diode.hub.REGISTRY else args.num_classes,
+                                     device=device)
+            for bs in args.batch_sizes:
+                _measure_schedules(spec, teacher, bs, args, device)
 
 
 def _measure(spec: str, teacher: Any, bs: int, args: argparse.Namespace, device: torch.device) -> None:
@@ -96,6 +113,20 @@ def _measure(spec: str, teacher: Any, bs: int, args: argparse.Namespace, device:
     ratio_cl = statistics.median(sy / ba for sy, ba in zip(synth, bare_cl, strict=True))
     print(f"{spec:>34} {bs:>5} {b:>17.4f} {bc:>20.4f} {s:>12.4f} {ratio:>13.3f} {ratio_cl:>9.3f}",
           flush=True)
+
+
+def _measure_schedules(spec: str, teacher: Any, bs: int, args: argparse.Namespace, device: torch.device) -> None:
+    targets = diode.BBoxSampler.onebox(num_classes=teacher.num_classes).sample(
+        bs, image_size=(args.resolution, args.resolution), generator=torch.Generator().manual_seed(0))
+    fast = diode.fast_stages(args.iters, args.resolution)
+    synthesizer_iteration(teacher, targets, args.resolution, 3, args.amp)
+    reference, quick = [], []
+    for _ in range(args.rounds):
+        reference.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp))
+        quick.append(synthesizer_iteration(teacher, targets, args.resolution, args.iters, args.amp, fast))
+    ratio = statistics.median(f / r for f, r in zip(quick, reference, strict=True))
+    print(f"{spec:>34} {bs:>5} {statistics.median(reference):>17.4f} {statistics.median(quick):>12.4f} "
+          f"{ratio:>15.3f}", flush=True)
 
 
 if __name__ == "__main__":

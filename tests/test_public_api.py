@@ -10,7 +10,8 @@ PUBLIC = {
     "AugmentationPipeline", "BBoxSampler", "CompetitionTerm", "DeepInversionLoss", "DetectionFolder",
     "DetectorAdapter", "DistillConfig", "Distiller", "FPSampling", "Stage", "SynthesisResult", "Synthesizer",
     "TorchvisionAdapter", "YOLOv3Adapter", "YOLOv8Adapter", "__version__", "create_adapter",
-    "estimate_class_prior", "eval", "hub", "reference_stages", "synthesize_dataset", "viz", "write_dataset",
+    "estimate_class_prior", "eval", "fast_stages", "hub", "reference_stages", "synthesize_dataset", "viz",
+    "write_dataset",
 }
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_tiny_yolo, onebox_targets
@@ -217,3 +219,17 @@ def test_cli_recipe_option_picks_the_schedule() -> None:
     assert [(s.size, s.iterations, s.lr) for s in default] == [(s.size, s.iterations, s.lr) for s in fast_stages(200)]
     (reference,) = _stages_from_args(build_parser().parse_args([*base, "--recipe", "reference", "--lr", "0.1"]))
     assert (reference.size, reference.iterations, reference.lr, reference.loss_scale) == ((160, 160), 200, 0.1, {})
+
+
+def test_stages_file_reads_loss_scale_and_the_schedule_files_load(tmp_path: Path) -> None:
+    from diode.cli import load_stages
+
+    path = tmp_path / "s.toml"
+    path.write_text("[[stage]]\nresolution = 80\niterations = 10\n[stage.loss_scale]\nw_task = 4.0\n")
+    (stage,) = load_stages(path)
+    assert stage.loss_scale == {"w_task": 4.0}
+    schedules = Path(__file__).resolve().parents[1] / "benchmarks" / "schedules"
+    default = [(s.size, s.iterations, s.lr, s.betas, s.loss_scale) for s in fast_stages(200)]
+    assert [(s.size, s.iterations, s.lr, s.betas, s.loss_scale)
+            for s in load_stages(schedules / "c2f_sign.toml")] == default
+    assert all(load_stages(f) for f in schedules.glob("*.toml"))

@@ -22,7 +22,7 @@ from diode.inversion.job import synthesize_dataset, write_dataset
 from diode.inversion.loss import DeepInversionLoss
 from diode.inversion.prior import estimate_class_prior
 from diode.inversion.sampler import BBoxSampler, FPSampling
-from diode.inversion.synthesizer import Stage, SynthesisResult, Synthesizer, reference_stages
+from diode.inversion.synthesizer import Stage, SynthesisResult, Synthesizer, fast_stages, reference_stages
 
 __all__ = [
     "AugmentationPipeline",
@@ -44,6 +44,7 @@ __all__ = [
     "create_adapter",
     "estimate_class_prior",
     "eval",
+    "fast_stages",
     "hub",
     "reference_stages",
     "synthesize_dataset",
