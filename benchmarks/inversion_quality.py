@@ -58,7 +58,8 @@ def read_back(teacher: Any, folder: Path) -> tuple[list[dict[str, torch.Tensor]]
     data = DetectionFolder(folder)
     device = next(teacher.model.parameters()).device
     predictions, targets = [], []
-    for image, target, _ in data:
+    for index in range(len(data)):
+        image, target, _ = data[index]
         predictions += [{k: v.cpu() for k, v in p.items()}
                         for p in teacher.predict(image[None].to(device), conf=0.001, iou=0.6)]
         targets.append(target)
