@@ -46,14 +46,14 @@ def test_smoke_run_writes_results(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in on_disk["map50"].values())
     assert 0.0 <= on_disk["teacher_map50"] <= 1.0
     assert on_disk["cross_arch"]["mode"] == "pseudo_labels"
-    assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0
+    assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0 and 0.0 <= on_disk["cross_arch"]["real_map50"] <= 1.0
     assert set(on_disk["inversion_map50"]) == {"diode", "diode_fp", "diode_tiles"}
     assert on_disk["goal"]["best_diode"] in toy.DIODE_SOURCES
     assert on_disk["seconds"]["total"] > 0
     assert on_disk["config"]["images"] == toy.SMOKE.images
 
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n|") >= 8 and "tiles sampler" in table
+    assert table.count("\n|") >= 9 and "tiles sampler" in table and "pseudo_labels, real images" in table
     with Image.open(tmp_path / "results.png") as plot:
         assert plot.format == "PNG" and plot.size == (720, 360)
     for name in toy.SOURCES:
@@ -67,7 +67,8 @@ def test_a_second_run_into_the_same_folder_resumes(tmp_path, capsys):
     try:
         toy.main(["--out", str(tmp_path), "--smoke", "--threads", "1"])
         recorded = json.loads((tmp_path / "phases.json").read_text())
-        assert set(recorded["phases"]) == {f"distill_{name}" for name in toy.SOURCES} | {"cross_arch"}
+        wanted = {f"distill_{name}" for name in toy.SOURCES} | {"cross_arch", "cross_arch_real"}
+        assert set(recorded["phases"]) == wanted
         recorded["phases"]["distill_noise"] = 0.123  # a marker: a resumed run reports it, a fresh one cannot
         (tmp_path / "phases.json").write_text(json.dumps(recorded))
         teacher = (tmp_path / "teacher.pt").read_bytes()
