@@ -210,6 +210,14 @@ def test_config_changes_lists_changed_leaves() -> None:
                                         "pair: [1, 2] -> [1, 2, 3]", "s[0].it: 200 -> 100"]
 
 
+def test_config_changes_accept_a_setting_added_at_its_neutral_default() -> None:
+    recorded = {"stages": [{"iterations": 200}], "amp": None}  # written before stages had loss_scale
+    current = {"stages": [{"iterations": 200, "loss_scale": {}}], "amp": None, "extra": []}
+    assert config_changes(recorded, current) == [] and config_changes(current, recorded) == []
+    assert config_changes(recorded, {"stages": [{"iterations": 200, "loss_scale": {"w_task": 4.0}}], "amp": None}) \
+        == ["stages[0].loss_scale: (absent) -> {'w_task': 4.0}"]
+
+
 def test_history_rows_count_steps_over_stages() -> None:
     history = [{"stage": 0, "iteration": 5, "lr": 0.1, "total": 2.0}, {"stage": 0, "iteration": 10, "lr": 0.0,
                                                                        "total": 1.0},

@@ -245,15 +245,22 @@ def history_rows(batch_index: int, history: Sequence[dict[str, Any]]) -> list[di
     return rows
 
 
+_NEUTRAL: tuple[Any, ...] = ({}, [], None)
+
+
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     """What differs between two JSON-like configurations, one ``"path: old -> new"`` per changed leaf.
 
-    Example: ``["synthesizer.stages[0].iterations: 200 -> 100"]``.
+    Example: ``["synthesizer.stages[0].iterations: 200 -> 100"]``. A key present on one side
+    only with an empty value (``{}``, ``[]``, ``None``) is no change: a setting a later
+    diode version records, at its neutral default, so older run folders still resume.
     """
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new), key=str):
             path = f"{prefix}.{key}" if prefix else str(key)
+            if (key not in old and new[key] in _NEUTRAL) or (key not in new and old[key] in _NEUTRAL):
+                continue
             if key not in old:
                 out.append(f"{path}: (absent) -> {new[key]!r}")
             elif key not in new:
