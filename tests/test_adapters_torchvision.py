@@ -570,3 +570,15 @@ def test_real_builders_synthesize_without_changing_the_model(name: str) -> None:
     assert torch.equal(first.images, again.images)
     assert all(torch.equal(before[k], v) for k, v in adapter.model.state_dict().items())
     assert len(adapter.bn_layers()) > 0
+
+
+@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn"])
+def test_compile_targets_the_modules_forward_calls(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[nn.Module] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    adapter = TorchvisionAdapter(FAMILIES[family]())
+    synth = _quiet_synth(adapter, compile=True)
+    copy = synth._teacher.model  # the synthesizer's private copy
+    wanted = [copy.backbone] + ([] if family == "faster_rcnn" else [copy.head])
+    assert compiled == wanted  # the copy's modules that forward() calls, never the caller's
+    assert all(m is not adapter.model.backbone for m in compiled)

@@ -40,6 +40,10 @@ class ModelAdapter:
         self.model.eval().requires_grad_(False)
         return self
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules ``Synthesizer(compile=True)`` compiles: those :meth:`forward` calls (here the model)."""
+        return [self.model]
+
     def _pad(self, images: Tensor) -> Tensor:
         """Check ``[B, 3, H, W]`` and zero-pad right/bottom to :attr:`size_divisor` (pixel coordinates unchanged)."""
         if images.ndim != 4 or images.shape[1] != 3:

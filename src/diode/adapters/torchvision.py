@@ -263,6 +263,11 @@ class TorchvisionAdapter(ModelAdapter):
         """
         return dict(_SYNTHESIS_DEFAULTS[self.family])
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The backbone and, outside R-CNN, the head: :meth:`forward` calls them, not the model's own forward
+        (R-CNN's region proposal and box heads, with data-dependent shapes, stay eager)."""
+        return [self._tv.backbone] + ([] if self.family == "rcnn" else [self._tv.head])
+
     def forward(self, images: Tensor) -> TorchvisionOutputs:
         """Raw outputs for images ``[B, 3, H, W]`` in ``[0, 1]`` (see :class:`TorchvisionOutputs`).
 

@@ -211,7 +211,8 @@ class Synthesizer:
             else fp16), ``"bf16"`` or ``"fp16"``.
         channels_last: run the teacher's copy and the images in channels-last memory format
             (default on: faster convolutions on CUDA and with oneDNN on CPU).
-        compile: ``torch.compile`` the teacher's copy (first call is slow).
+        compile: ``torch.compile`` the teacher's copy (first call is slow): the modules of the
+            adapter's ``compile_targets()`` where it has one (the bundled adapters do), else its model.
         init: ``"rand"`` (uniform noise) or ``"randn"`` (clamped Gaussian, the reference).
         eval_conf: confidence threshold of the inversion-mAP detections.
         eval_iou: NMS IoU of the inversion-mAP detections.
@@ -436,7 +437,9 @@ def _private_copy(teacher: DetectorAdapter, *, channels_last: bool, compile: boo
     if channels_last:
         clone.model.to(memory_format=torch.channels_last)
     if compile:
-        clone.model.compile()
+        targets = clone.compile_targets() if hasattr(clone, "compile_targets") else [clone.model]
+        for module in targets:
+            module.compile()
     return clone
 
 
