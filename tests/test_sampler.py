@@ -302,3 +302,9 @@ def test_from_labels_class_prior_redraws_classes(tmp_path: Path) -> None:
     (t,) = sampler.sample(1, image_size=(100, 200), generator=torch.Generator().manual_seed(0))
     assert t["labels"].tolist() == [4, 4]
     assert torch.allclose(t["boxes"], torch.tensor([[50.0, 37.5, 150.0, 62.5], [40.0, 20.0, 60.0, 30.0]]))
+
+
+def test_a_generating_sampler_is_truthy_though_it_stores_no_layouts() -> None:
+    sampler = BBoxSampler.multibox(num_classes=3)
+    assert len(sampler) == 0 and bool(sampler)
+    assert (sampler or BBoxSampler.onebox(num_classes=3)) is sampler

@@ -442,6 +442,10 @@ class BBoxSampler:
         """Number of stored layouts (``from_labels``); 0 for generated layouts."""
         return len(self.layouts)
 
+    def __bool__(self) -> bool:
+        """Always true: a generating sampler has no stored layouts (``len`` 0) but is no empty value."""
+        return True
+
     def __repr__(self) -> str:
         k = self.k if self.min_k == self.k else (self.min_k, self.k)
         size = f"min_size={self.min_size}, max_size={self.max_size}"
