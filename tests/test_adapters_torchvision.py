@@ -523,7 +523,7 @@ def test_device_to_and_repr() -> None:
     assert adapter.freeze() is adapter and not adapter.model.training
     assert repr(adapter).startswith("TorchvisionAdapter(FCOS, family='fcos', num_classes=3")
 
-@pytest.mark.parametrize(("family", "w_task"), [("faster_rcnn", 20.0), ("mask_rcnn", 20.0), ("retinanet", 5.0),
+@pytest.mark.parametrize(("family", "w_task"), [("faster_rcnn", 20.0), ("mask_rcnn", 20.0), ("retinanet", 0.5),
                                                 ("fcos", 5.0), ("ssdlite", 0.5)])
 def test_synthesis_defaults_set_the_task_weight_per_family(family: str, w_task: float) -> None:
     adapter = TorchvisionAdapter(FAMILIES[family]())
