@@ -314,7 +314,9 @@ def test_sigint_and_sigterm_stop_synthesis_cleanly_and_resume_exactly(tmp_path: 
     reference, run = tmp_path / "reference", tmp_path / "run"
     assert subprocess.run([*args, str(reference)], env=env, capture_output=True, timeout=600).returncode == 0
     for signum, code, done_before in ((signal.SIGINT, 130, 0), (signal.SIGTERM, 143, 1)):
-        proc = subprocess.Popen([*args, str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGINT must not be ignored in the child (it is in background jobs of a non-interactive shell)
+        proc = subprocess.Popen([*args, str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not (run / "batches" / f"{done_before:06d}.json").exists() and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -571,13 +571,17 @@ def test_the_interrupt_line_counts_the_checkpointed_epochs(images: Path, tmp_pat
 
 
 def test_signals_during_a_checkpoint_take_effect_after_it():
-    reached = False
-    with pytest.raises(KeyboardInterrupt):
-        with _signals_deferred():
-            signal.raise_signal(signal.SIGINT)
-            reached = True
-    assert reached
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
+    try:
+        reached = False
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                reached = True
+        assert reached
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(
