@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,9 @@ logger = logging.getLogger("toy_distill")
 
 SOURCES = ("real", "diode", "diode_fp", "diode_tiles", "proxy", "noise")
 DIODE_SOURCES = ("diode", "diode_fp", "diode_tiles")
+# Twice the images at the same student step budget: synthetic data costs only synthesis, so a
+# data-free user can have more of it; the real row of that size is its ceiling.
+MORE = ("real_2x", "diode_2x")
 LABELS = {
     "real": "(a) real shapes (teacher's training images)",
     "diode": "(b) DIODE, onebox sampler",
@@ -57,6 +61,8 @@ LABELS = {
     "diode_tiles": "(b') DIODE, tiles sampler",
     "proxy": "(d) out-of-distribution proxy domain",
     "noise": "(e) uniform noise",
+    "real_2x": "(a2) real shapes, twice the images, same steps",
+    "diode_2x": "(b2) DIODE, onebox sampler, twice the images, same steps",
 }
 # Six square anchors as fractions of the canvas side, spanning the shapes' boxes (0.15-0.45 of
 # the canvas, up to ~0.55 with aspect and tilt); the first three sit on the stride-16 head.
@@ -324,6 +330,7 @@ def write_baseline_sources(out: Path, train_x: Tensor, config: ToyConfig) -> dic
     n, size = config.images, config.image_size
     return {
         "real": write_image_folder(out / "real", train_x[:n]),
+        "real_2x": write_image_folder(out / "real_2x", train_x[:2 * n]),
         "proxy": write_image_folder(
             out / "proxy", render_proxy(n, image_size=size, generator=torch.Generator().manual_seed(config.seed + 6))),
         "noise": write_image_folder(
@@ -356,10 +363,15 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     inversion: dict[str, float | None] = {}
     with phase("sources", seconds):
         folders.update(write_baseline_sources(out / "data", train_x, config))
-    for name, fp, sampler in (("diode", False, "onebox"), ("diode_fp", True, "onebox"),
-                              ("diode_tiles", False, "tiles")):
+    for name, fp, sampler in (("diode", False, "onebox"), ("diode_2x", False, "onebox"),
+                              ("diode_fp", True, "onebox"), ("diode_tiles", False, "tiles")):
         with phase(f"synthesis_{name}", seconds):
-            manifest = synthesize(teacher, out / "data" / name, config, fp=fp, sampler=sampler)
+            more = name == "diode_2x"
+            if more and not (out / "data" / name).exists():  # its first half is "diode": batch i depends on (seed, i)
+                shutil.copytree(out / "data" / "diode", out / "data" / name)
+            manifest = synthesize(teacher, out / "data" / name,
+                                  dataclasses.replace(config, images=2 * config.images) if more else config,
+                                  fp=fp, sampler=sampler)
             folders[name] = out / "data" / name / "images"
             inversion[name] = _mean_inversion_map50(manifest)
             log(f"  inversion mAP50 ({name}): {inversion[name]}")
@@ -367,7 +379,7 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     save_previews(teacher, {name: folders[name] for name in SOURCES}, out / "previews", size)
 
     map50: dict[str, float] = {}
-    for name in SOURCES:
+    for name in (*SOURCES, *MORE):
         with phase(f"distill_{name}", seconds):
             def train_student(name: str = name) -> float:
                 torch.manual_seed(config.seed + 100)
@@ -378,23 +390,27 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
             log(f"  student mAP50 ({name}): {map50[name]:.3f}")
 
     cross: dict[str, float] = {}
-    for source in ("diode", "real"):  # the narrower student on real images is its own ceiling
-        with phase(f"cross_arch_{source}", seconds):
-            def train_narrow(source: str = source) -> float:
+    # The narrower student: pseudo labels (any student) and, its head layout being the teacher's,
+    # raw outputs on twice the images; each against the same student on real images, its own ceiling.
+    for key, mode, source in (("diode", "pseudo_labels", "diode"), ("real", "pseudo_labels", "real"),
+                              ("outputs_diode_2x", "outputs", "diode_2x"), ("outputs_real_2x", "outputs", "real_2x")):
+        with phase(f"cross_arch_{key}", seconds):
+            def train_narrow(mode: str = mode, source: str = source) -> float:
                 torch.manual_seed(config.seed + 200)
                 narrow = distill(teacher, build_model(config.narrow_width, names, size), folders[source], config,
-                                 mode="pseudo_labels")
+                                 mode=mode)
                 return evaluate_map50(narrow, val_x, val_t)
 
-            cross[source] = resume.value("cross_arch" if source == "diode" else "cross_arch_real", train_narrow)
-            log(f"  narrow student mAP50 (pseudo_labels, {source} images): {cross[source]:.3f}")
+            cross[key] = resume.value("cross_arch" if key == "diode" else f"cross_arch_{key}", train_narrow)
+            log(f"  narrow student mAP50 ({mode}, {source} images): {cross[key]:.3f}")
     seconds["total"] = round(time.perf_counter() - start, 1)
 
     results = {
         "map50": map50,
         "teacher_map50": teacher_map50,
         "cross_arch": {"mode": "pseudo_labels", "data": "diode", "width": config.narrow_width, "map50": cross["diode"],
-                       "real_map50": cross["real"]},
+                       "real_map50": cross["real"], "outputs_2x": {"diode": cross["outputs_diode_2x"],
+                                                                    "real": cross["outputs_real_2x"]}},
         "inversion_map50": inversion,
         "goal": goal(map50),
         "seconds": seconds,
@@ -427,7 +443,7 @@ def goal(map50: dict[str, float], target: float = 0.8) -> dict[str, Any]:
     """
     real = map50["real"]
     onebox = max(map50[k] for k in ("diode", "diode_fp") if k in map50)
-    best_name = max((k for k in DIODE_SOURCES if k in map50), key=lambda k: map50[k])
+    best_name = max((k for k in (*DIODE_SOURCES, "diode_2x") if k in map50), key=lambda k: map50[k])
     best = map50[best_name]
     others = max(map50["proxy"], map50["noise"])
     return {
@@ -458,18 +474,24 @@ def markdown_table(results: dict[str, Any]) -> str:
     rows = ["| student trained on | mAP50 | vs. real |", "|---|---:|---:|"]
     rows.append(f"| teacher (supervised on {results['config']['train_images']} real images) "
                 f"| {results['teacher_map50']:.3f} | |")
-    for name in SOURCES:
+    for name in (*SOURCES, *MORE):
         value = results["map50"][name]
         rows.append(f"| {LABELS[name]} | {value:.3f} | {_ratio(value, real)} |")
     cross = results["cross_arch"]
     for key, data in (("real_map50", "real images"), ("map50", "DIODE images")):
         rows.append(f"| narrower student (width {cross['width']}), pseudo_labels, {data} "
                     f"| {cross[key]:.3f} | {_ratio(cross[key], real)} |")
+    for key, data in (("real", "real images x2"), ("diode", "DIODE images x2")):
+        value = cross["outputs_2x"][key]
+        rows.append(f"| narrower student (width {cross['width']}), outputs, {data} | {value:.3f} "
+                    f"| {_ratio(value, real)} |")
     inv = results["inversion_map50"]
     notes = (f"\nInversion mAP50 (teacher on its synthesized images): DIODE {_fmt(inv['diode'])}, "
              f"DIODE + FP sampling {_fmt(inv['diode_fp'])}, DIODE tiles {_fmt(inv['diode_tiles'])}. "
-             f"Narrower student: DIODE / its real-image ceiling "
-             f"{_ratio(cross['map50'], cross['real_map50'])}. "
+             f"Twice the images: DIODE / real {_ratio(results['map50']['diode_2x'], results['map50']['real_2x'])}. "
+             f"Narrower student, DIODE / its real-image ceiling: pseudo_labels "
+             f"{_ratio(cross['map50'], cross['real_map50'])}, outputs on twice the images "
+             f"{_ratio(cross['outputs_2x']['diode'], cross['outputs_2x']['real'])}. "
              f"Total runtime {results['seconds']['total'] / 60:.1f} min with {results['threads']} torch thread(s).\n")
     g = results["goal"]
     notes += (f"\nGoal (max(DIODE, DIODE + FP) >= {g['target']} x real and above proxy and noise): "
@@ -489,7 +511,7 @@ def _fmt(value: float | None) -> str:
 
 def bar_plot(results: dict[str, Any], path: Path) -> None:
     """A PNG bar chart of the students' mAP50 (drawn with PIL; no matplotlib needed)."""
-    bars = [(name, results["map50"][name]) for name in SOURCES]
+    bars = [(name, results["map50"][name]) for name in (*SOURCES, *MORE)]
     bars.append(("narrow, real", results["cross_arch"]["real_map50"]))
     bars.append(("narrow, DIODE", results["cross_arch"]["map50"]))
     bars.insert(0, ("teacher", results["teacher_map50"]))

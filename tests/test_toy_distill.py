@@ -42,13 +42,16 @@ def test_smoke_run_writes_results(tmp_path):
 
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "diode_tiles", "proxy", "noise"}
+    assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "diode_tiles", "proxy", "noise", "real_2x",
+                                     "diode_2x"}
+    assert len(list((tmp_path / "data" / "diode_2x" / "images").glob("*.png"))) == 2 * toy.SMOKE.images
+    assert set(on_disk["cross_arch"]["outputs_2x"]) == {"diode", "real"}
     assert all(0.0 <= v <= 1.0 for v in on_disk["map50"].values())
     assert 0.0 <= on_disk["teacher_map50"] <= 1.0
     assert on_disk["cross_arch"]["mode"] == "pseudo_labels"
     assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0 and 0.0 <= on_disk["cross_arch"]["real_map50"] <= 1.0
-    assert set(on_disk["inversion_map50"]) == {"diode", "diode_fp", "diode_tiles"}
-    assert on_disk["goal"]["best_diode"] in toy.DIODE_SOURCES
+    assert set(on_disk["inversion_map50"]) == {"diode", "diode_2x", "diode_fp", "diode_tiles"}
+    assert on_disk["goal"]["best_diode"] in (*toy.DIODE_SOURCES, "diode_2x")
     assert on_disk["seconds"]["total"] > 0
     assert on_disk["config"]["images"] == toy.SMOKE.images
 
@@ -67,7 +70,8 @@ def test_a_second_run_into_the_same_folder_resumes(tmp_path, capsys):
     try:
         toy.main(["--out", str(tmp_path), "--smoke", "--threads", "1"])
         recorded = json.loads((tmp_path / "phases.json").read_text())
-        wanted = {f"distill_{name}" for name in toy.SOURCES} | {"cross_arch", "cross_arch_real"}
+        wanted = ({f"distill_{name}" for name in (*toy.SOURCES, *toy.MORE)}
+                  | {"cross_arch", "cross_arch_real", "cross_arch_outputs_diode_2x", "cross_arch_outputs_real_2x"})
         assert set(recorded["phases"]) == wanted
         recorded["phases"]["distill_noise"] = 0.123  # a marker: a resumed run reports it, a fresh one cannot
         (tmp_path / "phases.json").write_text(json.dumps(recorded))
