@@ -30,3 +30,13 @@ def test_validators_name_the_argument() -> None:
         check_number("lr", 0.0, 0.0, float("inf"), open_low=True, open_high=True)
     with pytest.raises(ValueError, match="conf"):
         check_number("conf", float("nan"), 0.0, 1.0)
+
+
+def test_adapter_device_falls_back_to_buffers() -> None:
+    from torch import nn
+
+    from diode.adapters._common import ModelAdapter
+
+    adapter = ModelAdapter()
+    adapter.model = nn.BatchNorm2d(3, affine=False)  # running statistics only: buffers, no parameters
+    assert adapter.device == torch.device("cpu")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diode._utils import device_of
+
 Device = str | torch.device | None
 _Self = TypeVar("_Self", bound="ModelAdapter")
 
@@ -26,8 +28,8 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        """The device of the model's parameters."""
-        return next(self.model.parameters()).device
+        """The device of the model's parameters (else its buffers)."""
+        return device_of(self)
 
     def to(self: _Self, device: Device = None, **kwargs: Any) -> _Self:
         """Move the model (``nn.Module.to`` arguments); returns ``self``."""
