@@ -347,6 +347,13 @@ def test_sampler_and_class_prior_specs() -> None:
     counts = {len(t["labels"]) for t in multibox.sample(8, image_size=(64, 64),
                                                         generator=torch.Generator().manual_seed(0))}
     assert counts <= {2, 3} and counts
+    mixed = _sampler_from_args("onebox+tiles:4", 3)
+    assert mixed.kind == "mixture" and [c.kind for c in mixed.components] == ["onebox", "tiles"]
+    counts = {len(t["labels"]) for t in mixed.sample(32, image_size=(64, 64),
+                                                     generator=torch.Generator().manual_seed(0))}
+    assert counts == {1, 4}
+    with pytest.raises(SystemExit, match="--sampler must be"):
+        _sampler_from_args("onebox+grid", 3)
     prior = _class_prior_from_args("teacher:0.5", make_tiny_yolo())
     assert prior.shape == (3,) and abs(float(prior.sum()) - 1) < 1e-5
     assert _class_prior_from_args(None, None) is None

@@ -21,7 +21,7 @@ def test_bn_term_is_zero_when_batch_statistics_match_running_ones() -> None:
     for i, layer in enumerate(loss.bn_layers):
         with loss.hooks() as stats:
             adapter.forward(x)
-        var, mean = stats[i][0]
+        var, mean = stats[i][0].var_mean()
         with torch.no_grad():
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
@@ -186,11 +186,48 @@ def test_fused_batchnorm_forward_matches_hooked_batchnorm(norm: type[nn.Module])
 
 
 def test_fused_batchnorm_gradcheck() -> None:
-    from diode.inversion.loss import _AffineWithStats
+    from diode.inversion.loss import _AffineWithMoments
 
     x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
-    scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: _AffineWithStats.apply(t, scale, shift), (x,))
+    scale, shift = torch.rand(1, 3, 1, 1, dtype=torch.float64) + 0.5, torch.randn(1, 3, 1, 1, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: _AffineWithMoments.apply(t, scale, shift), (x,))
+    # Only some outputs used (the others' gradients arrive as None).
+    assert torch.autograd.gradcheck(lambda t: _AffineWithMoments.apply(t, scale, shift)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: _AffineWithMoments.apply(t, scale, shift)[2], (x,))
+
+
+def test_vectorized_bn_term_matches_per_layer_norms_in_value_and_gradient() -> None:
+    adapter = TinyBNAdapter()
+    adapter.model.double()
+    loss = DeepInversionLoss(adapter, first_bn_weight=1.5)
+    layers = loss.bn_layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+
+    def term(x: torch.Tensor) -> torch.Tensor:
+        with loss.hooks() as stats:
+            adapter.forward(x)
+        return loss.bn_term(stats)[0]
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        inputs = []
+        hooks = [layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for layer in layers]
+        adapter.forward(x)
+        for h in hooks:
+            h.remove()
+        total = torch.zeros((), dtype=x.dtype)
+        for i, (layer, inp) in enumerate(zip(layers, inputs, strict=True)):
+            var, mean = torch.var_mean(inp, dim=(0, 2, 3), correction=0)
+            value = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)
+            total = total + (1.5 if i == 0 else 1.0) * value
+        return total
+
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(term(x), reference(x))
+    torch.testing.assert_close(torch.autograd.grad(term(x), x)[0], torch.autograd.grad(reference(x), x)[0])
+    assert torch.autograd.gradcheck(term, (x,))
 
 
 def test_batchnorm_in_training_mode_or_with_own_forward_is_hooked_not_fused() -> None:
@@ -210,8 +247,7 @@ def test_batchnorm_in_training_mode_or_with_own_forward_is_hooked_not_fused() ->
         out = adapter.forward(x)
     torch.testing.assert_close(out, expected)
     var, mean = torch.var_mean(adapter.model[0](x), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(stats[0][0][0], var)
-    torch.testing.assert_close(stats[0][0][1], mean)
+    torch.testing.assert_close(stats[0][0].var_mean(), (var, mean))
     assert len(stats[1]) == 1
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in adapter.model.modules())
 
@@ -344,3 +380,54 @@ def test_extra_terms_are_weighted_logged_and_validated() -> None:
         DeepInversionLoss(adapter, terms={"bn": (1.0, brightness)})
     with pytest.raises(ValueError, match="weight"):
         DeepInversionLoss(adapter, terms={"b": (-1.0, brightness)})
+
+
+def test_private_hooks_run_the_fused_node_as_the_instance_forward_and_match_the_hooked_path() -> None:
+    import copy
+
+    adapter = TinyBNAdapter()
+    adapter.model[4] = FrozenBatchNorm2d(8)
+    before = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()} for m in adapter.model.modules()]
+    loss = DeepInversionLoss(adapter, w_tv1=0.0)
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    results = []
+    for private in (False, True):
+        xi = x.clone().requires_grad_(True)
+        with loss.hooks(private=private):
+            fused = [m for m in loss.bn_layers if "forward" in m.__dict__]
+            hooked = [m for m in loss.bn_layers if m._forward_pre_hooks]
+            assert (len(fused), len(hooked)) == ((2, 0) if private else (0, 2))
+            total, parts = loss(xi, _targets(3))
+        results.append((total.detach(), parts["bn_layers"], torch.autograd.grad(total, xi)[0]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+    after = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()} for m in adapter.model.modules()]
+    assert after == before
+    # A layer whose instance already has its own forward is not stock: hooked, never overwritten.
+    layer = adapter.model[1]
+    own = copy.copy(type(layer).forward).__get__(layer)
+    layer.forward = own
+    with loss.hooks(private=True):
+        assert layer.__dict__["forward"] is own and layer._forward_hooks
+    assert layer.__dict__["forward"] is own
+
+
+def test_synthesizer_runs_its_teacher_copy_on_the_private_path() -> None:
+    import diode.inversion.loss as loss_module
+    from diode import Stage, Synthesizer
+
+    calls = []
+    original = loss_module._fused_forward
+
+    def spy(layer, stats):  # noqa: ANN001, ANN202
+        calls.append(layer)
+        return original(layer, stats)
+
+    loss_module._fused_forward = spy
+    try:
+        adapter = TinyBNAdapter()
+        synth = Synthesizer(adapter, stages=[Stage(16, 2, lr=0.1)], log_every=2)
+        synth.run(_targets(2), generator=torch.Generator().manual_seed(0), image_size=(16, 16))
+    finally:
+        loss_module._fused_forward = original
+    assert len(calls) == 2 and all(layer not in list(adapter.model.modules()) for layer in calls)

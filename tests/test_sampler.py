@@ -308,3 +308,39 @@ def test_a_generating_sampler_is_truthy_though_it_stores_no_layouts() -> None:
     sampler = BBoxSampler.multibox(num_classes=3)
     assert len(sampler) == 0 and bool(sampler)
     assert (sampler or BBoxSampler.onebox(num_classes=3)) is sampler
+
+
+def test_mixture_draws_each_image_from_one_component_with_the_weights() -> None:
+    onebox = BBoxSampler.onebox(num_classes=5, min_size=0.1, max_size=0.2)
+    tiles = BBoxSampler.tiles(num_classes=5, k=4)
+    mixed = BBoxSampler.mixture([onebox, tiles], weights=[3.0, 1.0])
+    targets = mixed.sample(400, image_size=(64, 64), generator=torch.Generator().manual_seed(0))
+    counts = torch.tensor([len(t["labels"]) for t in targets])
+    assert set(counts.tolist()) == {1, 4}
+    assert 0.68 < (counts == 1).float().mean() < 0.82  # 3:1 weights
+    single = [t["boxes"] for t in targets if len(t["labels"]) == 1]
+    sides = torch.cat(single)[:, 2:] - torch.cat(single)[:, :2]
+    assert sides.min() >= 0.1 * 64 - 1e-4 and sides.max() <= 0.2 * 64 + 1e-4  # onebox keeps its own sizes
+    again = mixed.sample(400, image_size=(64, 64), generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, again, strict=True))
+    only_tiles = BBoxSampler.mixture([onebox, tiles], weights=[0, 1])
+    assert {len(t["labels"]) for t in only_tiles.sample(20, generator=torch.Generator().manual_seed(1))} == {4}
+    assert "mixture" in repr(mixed) and "weights=[0.75, 0.25]" in repr(mixed)
+
+
+def test_mixture_rejects_bad_components_and_weights() -> None:
+    onebox = BBoxSampler.onebox(num_classes=5)
+    with pytest.raises(ValueError, match="at least one"):
+        BBoxSampler.mixture([])
+    with pytest.raises(ValueError, match="num_classes"):
+        BBoxSampler.mixture([onebox, BBoxSampler.onebox(num_classes=3)])
+    with pytest.raises(ValueError, match="weights"):
+        BBoxSampler.mixture([onebox, onebox], weights=[1.0])
+    with pytest.raises(ValueError, match="weights"):
+        BBoxSampler.mixture([onebox, onebox], weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="weights"):
+        BBoxSampler.mixture([onebox, onebox], weights=[-1.0, 2.0])
+    with pytest.raises(ValueError, match="BBoxSampler"):
+        BBoxSampler.mixture([onebox, "tiles"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="kind='mixture'"):
+        BBoxSampler(num_classes=5, kind="onebox", components=[onebox])

@@ -43,15 +43,18 @@ def test_smoke_run_writes_results(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "diode_tiles", "proxy", "noise", "real_2x",
-                                     "diode_2x"}
-    assert len(list((tmp_path / "data" / "diode_2x" / "images").glob("*.png"))) == 2 * toy.SMOKE.images
+                                     "diode_2x", "diode_mix_2x"}
+    for name in ("diode_2x", "diode_mix_2x"):
+        assert len(list((tmp_path / "data" / name / "images").glob("*.png"))) == 2 * toy.SMOKE.images
+    mixed = json.loads((tmp_path / "data" / "diode_mix_2x" / "manifest.json").read_text())
+    assert "BBoxSampler.mixture" in json.dumps(mixed)
     assert set(on_disk["cross_arch"]["outputs_2x"]) == {"diode", "real"}
     assert all(0.0 <= v <= 1.0 for v in on_disk["map50"].values())
     assert 0.0 <= on_disk["teacher_map50"] <= 1.0
     assert on_disk["cross_arch"]["mode"] == "pseudo_labels"
     assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0 and 0.0 <= on_disk["cross_arch"]["real_map50"] <= 1.0
-    assert set(on_disk["inversion_map50"]) == {"diode", "diode_2x", "diode_fp", "diode_tiles"}
-    assert on_disk["goal"]["best_diode"] in (*toy.DIODE_SOURCES, "diode_2x")
+    assert set(on_disk["inversion_map50"]) == {"diode", "diode_2x", "diode_fp", "diode_tiles", "diode_mix_2x"}
+    assert on_disk["goal"]["best_diode"] in (*toy.DIODE_SOURCES, "diode_2x", "diode_mix_2x")
     assert on_disk["seconds"]["total"] > 0
     assert on_disk["config"]["images"] == toy.SMOKE.images
 
@@ -95,3 +98,13 @@ def test_goal_uses_the_onebox_sources_and_reports_the_best_one():
     assert abs(g["diode_over_real"] - 0.47 / 0.6) < 1e-9 and abs(g["best_diode_minus_proxy"] - 0.02) < 1e-9
     assert toy.goal({**base, "diode": 0.49})["met"]
     assert not toy.goal({**base, "diode": 0.49, "proxy": 0.495})["met"]
+
+
+def test_goal_measures_the_twice_the_images_rows_against_real_of_as_many_images():
+    toy = _load_script()
+    base = {"real": 0.6, "diode": 0.47, "diode_fp": 0.40, "diode_tiles": 0.50, "proxy": 0.48, "noise": 0.02,
+            "real_2x": 0.7, "diode_2x": 0.58, "diode_mix_2x": 0.64}
+    g = toy.goal(base)
+    # 0.64 is above the 768-image real row, but its ceiling is real_2x: 0.64 / 0.7.
+    assert g["best_diode"] == "diode_mix_2x" and abs(g["best_diode_over_real"] - 0.64 / 0.7) < 1e-9
+    assert toy.goal({**base, "diode_mix_2x": 0.55})["best_diode"] == "diode_tiles"  # 0.83 > 0.79 > 0.786

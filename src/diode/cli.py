@@ -248,6 +248,8 @@ def load_stages(path: str | os.PathLike[str]) -> list[Any]:
 def _sampler_from_args(spec: str, num_classes: int, class_prior: Any = None) -> Any:
     from diode.inversion.sampler import BBoxSampler
 
+    if "+" in spec:  # a mixture, equal weights: onebox+tiles
+        return BBoxSampler.mixture([_sampler_from_args(part, num_classes, class_prior) for part in spec.split("+")])
     kind, _, arg = spec.partition(":")
     try:
         if spec == "onebox":
@@ -265,7 +267,7 @@ def _sampler_from_args(spec: str, num_classes: int, class_prior: Any = None) -> 
     except ValueError as e:
         raise SystemExit(f"error: --sampler {spec}: {e}") from e
     raise SystemExit(f"error: --sampler must be onebox, tiles[:K], multibox[:LOW-HIGH], labels:PATH or "
-                     f"stats:PATH, got {spec!r}")
+                     f"stats:PATH, or several joined by + (a mixture), got {spec!r}")
 
 
 def _class_prior_from_args(spec: str | None, teacher: Any) -> Any:
@@ -533,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="onebox",
                    help="box layouts: onebox (default), tiles[:K] (K boxes on a grid), multibox[:LOW-HIGH] "
                         "(random non-overlapping boxes, 1-4 by default), labels:PATH (a YOLO labels folder or a "
-                        "run manifest), stats:PATH (new layouts drawn from a label set's box statistics)")
+                        "run manifest), stats:PATH (new layouts drawn from a label set's box statistics); several "
+                        "joined by + draw each image's layout from one of them (e.g. onebox+tiles)")
     p.add_argument("--class-prior", metavar="teacher[:T]",
                    help="sample classes from the teacher's own prior (estimated from neutral images, temperature "
                         "T, default 1) instead of uniformly")

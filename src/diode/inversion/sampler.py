@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -62,6 +62,28 @@ def _check_size_range(min_size: float, max_size: float) -> tuple[float, float]:
         raise ValueError(f"min_size and max_size must satisfy 0 < min_size <= max_size <= 1 "
                          f"(fractions), got {min_size!r} and {max_size!r}")
     return float(min_size), float(max_size)
+
+
+def _check_components(components: Sequence[BBoxSampler], weights: Sequence[float] | None, num_classes: int,
+                      kind: str) -> tuple[list[BBoxSampler], Tensor]:
+    """The components and normalized float64 weights of a mixture (empty for other kinds)."""
+    if kind != "mixture":
+        if components or weights is not None:
+            raise ValueError("components and weights belong to kind='mixture' (BBoxSampler.mixture)")
+        return [], torch.ones(0, dtype=torch.float64)
+    components = list(components)
+    if not components or not all(isinstance(c, BBoxSampler) for c in components):
+        raise ValueError(f"mixture needs one or more BBoxSampler components, got {components!r}")
+    other = [c.num_classes for c in components if c.num_classes != num_classes]
+    if other:
+        raise ValueError(f"mixture components must share num_classes={num_classes}, got {other}")
+    if weights is None:
+        weights = [1.0] * len(components)
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.shape != (len(components),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mixture weights must be {len(components)} finite non-negative numbers, not all zero, "
+                         f"got {list(weights)!r}")
+    return components, w / w.sum()
 
 
 def _parse_yolo_labels(file: Path, num_classes: int) -> Layout:
@@ -225,7 +247,7 @@ class BBoxSampler:
         self,
         *,
         num_classes: int,
-        kind: Literal["onebox", "tiles", "multibox", "labels", "statistics"],
+        kind: Literal["onebox", "tiles", "multibox", "labels", "statistics", "mixture"],
         class_prior: Sequence[float] | Tensor | None = None,
         min_size: float = 0.2,
         max_size: float = 0.8,
@@ -234,11 +256,14 @@ class BBoxSampler:
         layouts: Sequence[Layout] = (),
         order: Literal["random", "sequential"] = "random",
         statistics: _BoxStatistics | None = None,
+        components: Sequence[BBoxSampler] = (),
+        weights: Sequence[float] | None = None,
     ) -> None:
-        """Prefer the builders (:meth:`onebox`, :meth:`tiles`, :meth:`multibox`, ...)."""
+        """Prefer the builders (:meth:`onebox`, :meth:`tiles`, :meth:`multibox`, :meth:`mixture`, ...)."""
         self.num_classes = _check_num_classes(num_classes)
-        if kind not in ("onebox", "tiles", "multibox", "labels", "statistics"):
-            raise ValueError(f"kind must be 'onebox', 'tiles', 'multibox', 'labels' or 'statistics', got {kind!r}")
+        kinds = ("onebox", "tiles", "multibox", "labels", "statistics", "mixture")
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, kinds))}, got {kind!r}")
         if order not in ("random", "sequential"):
             raise ValueError(f"order must be 'random' or 'sequential', got {order!r}")
         if not (isinstance(max_iou, (int, float)) and 0 <= max_iou < 1):
@@ -256,6 +281,7 @@ class BBoxSampler:
         self.order = order
         self.statistics = statistics
         self.cursor = 0
+        self.components, self.weights = _check_components(components, weights, num_classes, kind)
 
     @classmethod
     def onebox(
@@ -335,6 +361,23 @@ class BBoxSampler:
         """
         return cls(num_classes=num_classes, kind="multibox", class_prior=class_prior,
                    min_size=min_size, max_size=max_size, k=k, max_iou=max_iou)
+
+    @classmethod
+    def mixture(cls, samplers: Sequence[BBoxSampler], *, weights: Sequence[float] | None = None) -> BBoxSampler:
+        """Each image's layout from one of ``samplers``, drawn with probability proportional to ``weights``.
+
+        For example single objects and 4-box grids side by side (``onebox`` + ``tiles``):
+        on the toy benchmark a student learns more from such a mix than from either kind
+        alone (``docs/toy_distill_results.rst``). Each component keeps its own sizes and
+        class prior; the images of a batch are split among the components at random.
+
+        Args:
+            samplers: samplers of the same ``num_classes`` (mixtures nest).
+            weights: non-negative weights, one per sampler, not all zero; ``None``: equal.
+        """
+        if not samplers:
+            raise ValueError("mixture needs at least one sampler")
+        return cls(num_classes=samplers[0].num_classes, kind="mixture", components=samplers, weights=weights)
 
     @classmethod
     def from_labels(
@@ -454,6 +497,9 @@ class BBoxSampler:
             assert st is not None
             extra = (f"boxes={len(st.features)}, images={len(st.counts)}, per_class={st.per_class}, "
                      f"bandwidth={st.bandwidth}, max_boxes={st.max_boxes}, {size}")
+        elif self.kind == "mixture":
+            parts = ", ".join(repr(c) for c in self.components)
+            return f"BBoxSampler.mixture([{parts}], weights={[round(float(w), 6) for w in self.weights]})"
         else:
             extra = {"onebox": size, "tiles": f"k={k}, {size}",
                      "multibox": f"k={k}, {size}, max_iou={self.max_iou}",
@@ -547,6 +593,25 @@ class BBoxSampler:
         sizes = counts.tolist()
         return list(zip(boxes.split(sizes), labels.split(sizes), strict=True))
 
+    def _draw(self, batch_size: int, generator: torch.Generator | None, device: torch.device) -> list[Layout]:
+        """``batch_size`` normalized layouts of this sampler's kind."""
+        draw = {"labels": self._pick_layouts, "onebox": self._draw_grid, "tiles": self._draw_grid,
+                "multibox": self._draw_multibox, "statistics": self._draw_statistics,
+                "mixture": self._draw_mixture}[self.kind]
+        return draw(batch_size, generator, device)
+
+    def _draw_mixture(self, batch_size: int, generator: torch.Generator | None,
+                      device: torch.device) -> list[Layout]:
+        """Each image's component drawn from the weights, then each component draws its images at once."""
+        pick = torch.multinomial(self.weights.to(device), batch_size, replacement=True, generator=generator).tolist()
+        layouts: list[Layout | None] = [None] * batch_size
+        for j, component in enumerate(self.components):
+            mine = [i for i, c in enumerate(pick) if c == j]
+            if mine:
+                for i, layout in zip(mine, component._draw(len(mine), generator, device), strict=True):
+                    layouts[i] = layout
+        return cast(list[Layout], layouts)
+
     def _pick_layouts(self, batch_size: int, generator: torch.Generator | None,
                       device: torch.device) -> list[Layout]:
         n = len(self.layouts)
@@ -595,9 +660,7 @@ class BBoxSampler:
         _check_generator(generator, device)
         h, w = image_size
         scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=device)
-        draw = {"labels": self._pick_layouts, "onebox": self._draw_grid, "tiles": self._draw_grid,
-                "multibox": self._draw_multibox, "statistics": self._draw_statistics}[self.kind]
-        targets = [{"boxes": b * scale, "labels": lab} for b, lab in draw(batch_size, generator, device)]
+        targets = [{"boxes": b * scale, "labels": lab} for b, lab in self._draw(batch_size, generator, device)]
         validate_targets(targets, image_size=(h, w), num_classes=self.num_classes)
         return targets
 

@@ -367,7 +367,7 @@ class Synthesizer:
         parts: dict[str, Tensor] = {}
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                   enabled=self.amp_dtype is not None)
-        with loss.hooks():
+        with loss.hooks(private=True):  # the teacher is this synthesizer's own copy
             for it in range(stage.iterations):
                 lr = stage.lr_at(it)
                 for group in opt.param_groups:
