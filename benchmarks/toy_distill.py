@@ -53,7 +53,7 @@ SOURCES = ("real", "diode", "diode_fp", "diode_tiles", "proxy", "noise")
 DIODE_SOURCES = ("diode", "diode_fp", "diode_tiles")
 # Twice the images for the same epochs, so twice the student steps: synthetic data costs only
 # synthesis, so a data-free user can have more of it; the real row of that size is its ceiling.
-MORE = ("real_2x", "diode_2x", "diode_mix_2x")
+MORE = ("real_2x", "diode_2x", "diode_mix_2x", "diode_comp_2x")
 LABELS = {
     "real": "(a) real shapes (teacher's training images)",
     "diode": "(b) DIODE, onebox sampler",
@@ -64,7 +64,10 @@ LABELS = {
     "real_2x": "(a2) real shapes, twice the images and steps",
     "diode_2x": "(b2) DIODE, onebox sampler, twice the images and steps",
     "diode_mix_2x": "(b3) DIODE, onebox + tiles mixture, twice the images and steps",
+    "diode_comp_2x": "(b4) DIODE onebox, second half competing with a student of the first, twice the images and steps",
 }
+# Weight of the competition term (bounded in [-1, 1]) in the (b4) row, as large as the task term's.
+W_COMPETITION = 0.5
 # Six square anchors as fractions of the canvas side, spanning the shapes' boxes (0.15-0.45 of
 # the canvas, up to ~0.55 with aspect and tilt); the first three sit on the stride-16 head.
 ANCHOR_FRACTIONS = (0.125, 0.18, 0.24, 0.31, 0.4, 0.5)
@@ -282,7 +285,8 @@ def train_teacher(model: diode.DetectorAdapter, images: Tensor, targets: list[di
 
 
 def synthesize(teacher: diode.DetectorAdapter, out: Path, config: ToyConfig, *, fp: bool = False,
-               sampler: str = "onebox", loss: diode.DeepInversionLoss | None = None) -> dict[str, Any]:
+               sampler: str = "onebox", loss: diode.DeepInversionLoss | None = None,
+               seed_offset: int = 3) -> dict[str, Any]:
     """DIODE images for ``teacher`` into the run folder ``out``; returns the manifest.
 
     ``sampler`` is ``"onebox"`` (boxes of 0.15-0.5 of the canvas), ``"tiles"`` or ``"mix"`` (each
@@ -302,7 +306,7 @@ def synthesize(teacher: diode.DetectorAdapter, out: Path, config: ToyConfig, *, 
     onebox = diode.BBoxSampler.onebox(num_classes=teacher.num_classes, min_size=0.15, max_size=0.5)
     boxes = {"tiles": tiles, "onebox": onebox, "mix": diode.BBoxSampler.mixture([onebox, tiles])}[sampler]
     return diode.synthesize_dataset(synth, boxes, out, num_images=config.images,
-                                    batch_size=config.synth_batch, seed=config.seed + 3)
+                                    batch_size=config.synth_batch, seed=config.seed + seed_offset)
 
 
 def distill(teacher: diode.DetectorAdapter, student: diode.DetectorAdapter, folder: Path, config: ToyConfig,
@@ -315,6 +319,27 @@ def distill(teacher: diode.DetectorAdapter, student: diode.DetectorAdapter, fold
     )
     distiller.fit(folder)
     return distiller.student_for_eval()
+
+
+def _finished(run: Path, images: int) -> bool:
+    """Whether the synthesis run folder ``run`` holds all ``images`` images."""
+    manifest = run / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete" \
+        and len(list((run / "images").glob("*.png"))) == images
+
+
+def merge_image_folders(out: Path, sources: Sequence[Path]) -> Path:
+    """``out/images`` holding copies of every PNG of ``sources`` (prefixed by their index); returns it."""
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i, source in enumerate(sources):
+        for png in sorted(source.glob("*.png")):
+            target = images / f"{i}_{png.name}"
+            if not target.exists():
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(png, tmp)
+                tmp.replace(target)
+    return images
 
 
 def render_data(config: ToyConfig) -> tuple[Tensor, list[dict[str, Tensor]], Tensor, list[dict[str, Tensor]]]:
@@ -370,7 +395,8 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
                               ("diode_mix_2x", False, "mix")):
         with phase(f"synthesis_{name}", seconds):
             more = name in ("diode_2x", "diode_mix_2x")
-            if name == "diode_2x" and not (out / "data" / name).exists():  # its first half is "diode": batch i depends on (seed, i)
+            # diode_2x's first half is "diode" (batch i depends on (seed, i)): copied, not synthesized again.
+            if name == "diode_2x" and not (out / "data" / name).exists():
                 shutil.copytree(out / "data" / "diode", out / "data" / name)
             manifest = synthesize(teacher, out / "data" / name,
                                   dataclasses.replace(config, images=2 * config.images) if more else config,
@@ -378,6 +404,24 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
             folders[name] = out / "data" / name / "images"
             inversion[name] = _mean_inversion_map50(manifest)
             log(f"  inversion mAP50 ({name}): {inversion[name]}")
+
+    with phase("synthesis_diode_comp", seconds):
+        # Adaptive DeepInversion's competition, one round: a student distilled from the onebox
+        # images, then as many new images (other targets) with the competition term against it.
+        def competitor() -> diode.DetectorAdapter:
+            torch.manual_seed(config.seed + 100)
+            return distill(teacher, build_model(config.width, names, size), folders["diode"], config)
+
+        comp = out / "data" / "diode_comp"
+        if not _finished(comp, config.images):
+            term = diode.CompetitionTerm(competitor(), teacher=teacher)
+            loss = diode.DeepInversionLoss(teacher, w_bn=config.w_bn, w_tv1=config.w_tv1, w_task=config.w_task,
+                                           terms={"competition": (W_COMPETITION, term)})
+            synthesize(teacher, comp, config, loss=loss, seed_offset=13)
+        folders["diode_comp_2x"] = merge_image_folders(out / "data" / "diode_comp_2x",
+                                                       [folders["diode"], comp / "images"])
+        inversion["diode_comp"] = _mean_inversion_map50(json.loads((comp / "manifest.json").read_text()))
+        log(f"  inversion mAP50 (diode_comp): {inversion['diode_comp']}")
 
     save_previews(teacher, {name: folders[name] for name in SOURCES}, out / "previews", size)
 
@@ -452,7 +496,7 @@ def goal(map50: dict[str, float], target: float = 0.8) -> dict[str, Any]:
     def ceiling(name: str) -> float:
         return map50["real_2x"] if name.endswith("_2x") else real
 
-    candidates = [k for k in (*DIODE_SOURCES, "diode_2x", "diode_mix_2x") if k in map50 and ceiling(k) > 0]
+    candidates = [k for k in (*DIODE_SOURCES, *MORE) if k.startswith("diode") and k in map50 and ceiling(k) > 0]
     best_name = max(candidates, key=lambda k: map50[k] / ceiling(k))
     best = map50[best_name]
     others = max(map50["proxy"], map50["noise"])
@@ -481,12 +525,13 @@ def _batches(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown_table(results: dict[str, Any]) -> str:
     """The results as a markdown table (students' mAP50 on held-out real shapes)."""
     real = results["map50"]["real"]
-    rows = ["| student trained on | mAP50 | vs. real |", "|---|---:|---:|"]
+    rows = ["| student trained on | mAP50 | vs. real of as many images |", "|---|---:|---:|"]
     rows.append(f"| teacher (supervised on {results['config']['train_images']} real images) "
                 f"| {results['teacher_map50']:.3f} | |")
     for name in (*SOURCES, *MORE):
         value = results["map50"][name]
-        rows.append(f"| {LABELS[name]} | {value:.3f} | {_ratio(value, real)} |")
+        ceiling = results["map50"]["real_2x"] if name.endswith("_2x") else real
+        rows.append(f"| {LABELS[name]} | {value:.3f} | {_ratio(value, ceiling)} |")
     cross = results["cross_arch"]
     for key, data in (("real_map50", "real images"), ("map50", "DIODE images")):
         rows.append(f"| narrower student (width {cross['width']}), pseudo_labels, {data} "
@@ -498,9 +543,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     inv = results["inversion_map50"]
     notes = (f"\nInversion mAP50 (teacher on its synthesized images): DIODE {_fmt(inv['diode'])}, "
              f"DIODE + FP sampling {_fmt(inv['diode_fp'])}, DIODE tiles {_fmt(inv['diode_tiles'])}, "
-             f"mixture {_fmt(inv['diode_mix_2x'])}. "
+             f"mixture {_fmt(inv['diode_mix_2x'])}, competing half {_fmt(inv['diode_comp'])}. "
              f"Twice the images: DIODE / real {_ratio(results['map50']['diode_2x'], results['map50']['real_2x'])}, "
-             f"mixture / real {_ratio(results['map50']['diode_mix_2x'], results['map50']['real_2x'])}. "
+             f"mixture / real {_ratio(results['map50']['diode_mix_2x'], results['map50']['real_2x'])}, "
+             f"with competition / real {_ratio(results['map50']['diode_comp_2x'], results['map50']['real_2x'])}. "
              f"Narrower student, DIODE / its real-image ceiling: pseudo_labels "
              f"{_ratio(cross['map50'], cross['real_map50'])}, outputs on twice the images "
              f"{_ratio(cross['outputs_2x']['diode'], cross['outputs_2x']['real'])}. "
@@ -550,11 +596,22 @@ def draw_bars(bars: Sequence[tuple[str, float]], path: Path, *, width: int = 720
         y0 = top + plot_h * (1 - max(0.0, min(1.0, value)))
         draw.rectangle([x0, y0, x1, top + plot_h], fill=colours.get(name, (150, 90, 160)))
         draw.text((x0, y0 - 14), f"{value:.3f}", fill="black")
-        draw.text((x0, top + plot_h + 8), name, fill="black")
+        draw.multiline_text((x0, top + plot_h + 8), _wrap(draw, name, slot * 0.8), fill="black", spacing=2)
     draw.line([(left, top), (left, top + plot_h), (width - 20, top + plot_h)], fill="black")
     draw.text((left, 12), "mAP50 on held-out real shapes (students from scratch, teacher-supervised)",
               fill="black")
     image.save(path)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, label: str, room: float) -> str:
+    """``label`` broken after ``_`` or ``,`` into lines that fit ``room`` pixels where it can."""
+    lines = [""]
+    for piece in label.replace("_", "_\x00").replace(", ", ",\x00").split("\x00"):
+        if lines[-1] and draw.textlength(lines[-1] + piece) > room:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def test_bn_term_is_zero_when_batch_statistics_match_running_ones() -> None:
     for i, layer in enumerate(loss.bn_layers):
         with loss.hooks() as stats:
             adapter.forward(x)
-        var, mean = stats[i][0].var_mean()
+        var, mean = stats[i][0]
         with torch.no_grad():
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
@@ -155,6 +155,22 @@ def test_channel_stats_match_var_mean_and_gradcheck() -> None:
     assert var16.dtype == mean16.dtype == torch.float32
     x64 = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(channel_stats, (x64,))
+    for shape in ((6, 4), (3, 4, 5), (2, 4, 3, 2, 2)):  # BatchNorm1d without and with length, BatchNorm3d
+        y = torch.randn(shape, dtype=torch.float64)
+        dims = (0, *range(2, y.ndim))
+        torch.testing.assert_close(channel_stats(y), torch.var_mean(y, dim=dims, correction=0))
+        assert torch.autograd.gradcheck(channel_stats, (y.requires_grad_(True),))
+
+
+def test_channel_stats_stay_accurate_when_the_mean_dwarfs_the_spread() -> None:
+    from diode.inversion.loss import channel_stats
+
+    # E[x^2] - mean^2 in float32 would lose the variance entirely here (1e6 against 1e-4).
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.01 + 1000
+    var, mean = channel_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=0.05, atol=0.0)
+    torch.testing.assert_close(mean.double(), ref_mean)
 
 
 def _loss_and_grad(loss: DeepInversionLoss, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,14 +202,15 @@ def test_fused_batchnorm_forward_matches_hooked_batchnorm(norm: type[nn.Module])
 
 
 def test_fused_batchnorm_gradcheck() -> None:
-    from diode.inversion.loss import _AffineWithMoments
+    from diode.inversion.loss import _AffineWithStats
 
     x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     scale, shift = torch.rand(1, 3, 1, 1, dtype=torch.float64) + 0.5, torch.randn(1, 3, 1, 1, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: _AffineWithMoments.apply(t, scale, shift), (x,))
+    assert torch.autograd.gradcheck(lambda t: _AffineWithStats.apply(t, scale, shift), (x,))
     # Only some outputs used (the others' gradients arrive as None).
-    assert torch.autograd.gradcheck(lambda t: _AffineWithMoments.apply(t, scale, shift)[0], (x,))
-    assert torch.autograd.gradcheck(lambda t: _AffineWithMoments.apply(t, scale, shift)[2], (x,))
+    assert torch.autograd.gradcheck(lambda t: _AffineWithStats.apply(t, scale, shift)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: _AffineWithStats.apply(t, scale, shift)[2], (x,))
+    assert torch.autograd.gradcheck(lambda t: _AffineWithStats.apply(t, scale, shift)[1], (x,))
 
 
 def test_vectorized_bn_term_matches_per_layer_norms_in_value_and_gradient() -> None:
@@ -220,7 +237,8 @@ def test_vectorized_bn_term_matches_per_layer_norms_in_value_and_gradient() -> N
         total = torch.zeros((), dtype=x.dtype)
         for i, (layer, inp) in enumerate(zip(layers, inputs, strict=True)):
             var, mean = torch.var_mean(inp, dim=(0, 2, 3), correction=0)
-            value = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(var - layer.running_var)
+            value = (torch.linalg.vector_norm(mean - layer.running_mean)
+                     + torch.linalg.vector_norm(var - layer.running_var))
             total = total + (1.5 if i == 0 else 1.0) * value
         return total
 
@@ -247,7 +265,7 @@ def test_batchnorm_in_training_mode_or_with_own_forward_is_hooked_not_fused() ->
         out = adapter.forward(x)
     torch.testing.assert_close(out, expected)
     var, mean = torch.var_mean(adapter.model[0](x), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(stats[0][0].var_mean(), (var, mean))
+    torch.testing.assert_close(stats[0][0], (var, mean))
     assert len(stats[1]) == 1
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in adapter.model.modules())
 
@@ -387,7 +405,11 @@ def test_private_hooks_run_the_fused_node_as_the_instance_forward_and_match_the_
 
     adapter = TinyBNAdapter()
     adapter.model[4] = FrozenBatchNorm2d(8)
-    before = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()} for m in adapter.model.modules()]
+    def snapshot() -> list[dict]:
+        return [{k: (dict(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
+                for m in adapter.model.modules()]
+
+    before = snapshot()
     loss = DeepInversionLoss(adapter, w_tv1=0.0)
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(4))
     results = []
@@ -401,8 +423,7 @@ def test_private_hooks_run_the_fused_node_as_the_instance_forward_and_match_the_
         results.append((total.detach(), parts["bn_layers"], torch.autograd.grad(total, xi)[0]))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
-    after = [{k: (dict(v) if isinstance(v, dict) else v) for k, v in m.__dict__.items()} for m in adapter.model.modules()]
-    assert after == before
+    assert snapshot() == before
     # A layer whose instance already has its own forward is not stock: hooked, never overwritten.
     layer = adapter.model[1]
     own = copy.copy(type(layer).forward).__get__(layer)

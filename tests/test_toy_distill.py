@@ -43,18 +43,23 @@ def test_smoke_run_writes_results(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk["map50"]) == {"real", "diode", "diode_fp", "diode_tiles", "proxy", "noise", "real_2x",
-                                     "diode_2x", "diode_mix_2x"}
-    for name in ("diode_2x", "diode_mix_2x"):
+                                     "diode_2x", "diode_mix_2x", "diode_comp_2x"}
+    for name in ("diode_2x", "diode_mix_2x", "diode_comp_2x"):
         assert len(list((tmp_path / "data" / name / "images").glob("*.png"))) == 2 * toy.SMOKE.images
     mixed = json.loads((tmp_path / "data" / "diode_mix_2x" / "manifest.json").read_text())
     assert "BBoxSampler.mixture" in json.dumps(mixed)
+    competing = json.loads((tmp_path / "data" / "diode_comp" / "manifest.json").read_text())
+    assert competing["config"]["synthesizer"]["loss"]["terms"] == ["competition"]
+    onebox = json.loads((tmp_path / "data" / "diode" / "manifest.json").read_text())
+    assert competing["config"]["seed"] != onebox["config"]["seed"]  # other targets than the first half's
     assert set(on_disk["cross_arch"]["outputs_2x"]) == {"diode", "real"}
     assert all(0.0 <= v <= 1.0 for v in on_disk["map50"].values())
     assert 0.0 <= on_disk["teacher_map50"] <= 1.0
     assert on_disk["cross_arch"]["mode"] == "pseudo_labels"
     assert 0.0 <= on_disk["cross_arch"]["map50"] <= 1.0 and 0.0 <= on_disk["cross_arch"]["real_map50"] <= 1.0
-    assert set(on_disk["inversion_map50"]) == {"diode", "diode_2x", "diode_fp", "diode_tiles", "diode_mix_2x"}
-    assert on_disk["goal"]["best_diode"] in (*toy.DIODE_SOURCES, "diode_2x", "diode_mix_2x")
+    assert set(on_disk["inversion_map50"]) == {"diode", "diode_2x", "diode_fp", "diode_tiles", "diode_mix_2x",
+                                               "diode_comp"}
+    assert on_disk["goal"]["best_diode"] in (*toy.DIODE_SOURCES, *toy.MORE)
     assert on_disk["seconds"]["total"] > 0
     assert on_disk["config"]["images"] == toy.SMOKE.images
 
