@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--recipe", choices=["fast", "reference"], default="fast",
                    help="fast (default): coarse-to-fine within --iterations, the first half at half --resolution "
-                        "and --lr, the rest at --resolution with a lower rate, task weight x4 (diode.fast_stages); "
+                        "and --lr, the rest at --resolution with a lower rate, task weight x8 (diode.fast_stages); "
                         "reference: one stage at --resolution and --lr with the reference recipe's weights (its "
                         "stage 1; the whole recipe is --stages examples/reference_recipe.toml)")
     p.add_argument("--resolution", type=int, default=160, help="final resolution (default 160)")

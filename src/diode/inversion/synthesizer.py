@@ -109,7 +109,7 @@ STAGE2_BN_FRACTION = 51 / 72
 #: :func:`fast_stages` defaults, measured on the COCO yolov3-tiny (docs/guide/synthesis.rst).
 FAST_COARSE_FRACTION = 0.5
 FAST_FINE_LR = 0.02
-FAST_TASK_SCALE = 4.0
+FAST_TASK_SCALE = 8.0
 
 
 def reference_stages() -> list[Stage]:
