@@ -405,16 +405,17 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
             inversion[name] = _mean_inversion_map50(manifest)
             log(f"  inversion mAP50 ({name}): {inversion[name]}")
 
+    def student_on(folder: Path) -> diode.DetectorAdapter:
+        """The same-architecture student, from scratch, distilled on ``folder`` (same seed for every source)."""
+        torch.manual_seed(config.seed + 100)
+        return distill(teacher, build_model(config.width, names, size), folder, config)
+
     with phase("synthesis_diode_comp", seconds):
         # Adaptive DeepInversion's competition, one round: a student distilled from the onebox
         # images, then as many new images (other targets) with the competition term against it.
-        def competitor() -> diode.DetectorAdapter:
-            torch.manual_seed(config.seed + 100)
-            return distill(teacher, build_model(config.width, names, size), folders["diode"], config)
-
         comp = out / "data" / "diode_comp"
         if not _finished(comp, config.images):
-            term = diode.CompetitionTerm(competitor(), teacher=teacher)
+            term = diode.CompetitionTerm(student_on(folders["diode"]), teacher=teacher)
             loss = diode.DeepInversionLoss(teacher, w_bn=config.w_bn, w_tv1=config.w_tv1, w_task=config.w_task,
                                            terms={"competition": (W_COMPETITION, term)})
             synthesize(teacher, comp, config, loss=loss, seed_offset=13)
@@ -429,9 +430,7 @@ def run(out: Path, config: ToyConfig, *, log: Callable[[str], None] = print) -> 
     for name in (*SOURCES, *MORE):
         with phase(f"distill_{name}", seconds):
             def train_student(name: str = name) -> float:
-                torch.manual_seed(config.seed + 100)
-                student = distill(teacher, build_model(config.width, names, size), folders[name], config)
-                return evaluate_map50(student, val_x, val_t)
+                return evaluate_map50(student_on(folders[name]), val_x, val_t)
 
             map50[name] = resume.value(f"distill_{name}", train_student)
             log(f"  student mAP50 ({name}): {map50[name]:.3f}")
@@ -493,11 +492,9 @@ def goal(map50: dict[str, float], target: float = 0.8) -> dict[str, Any]:
     real = map50["real"]
     onebox = max(map50[k] for k in ("diode", "diode_fp") if k in map50)
 
-    def ceiling(name: str) -> float:
-        return map50["real_2x"] if name.endswith("_2x") else real
-
-    candidates = [k for k in (*DIODE_SOURCES, *MORE) if k.startswith("diode") and k in map50 and ceiling(k) > 0]
-    best_name = max(candidates, key=lambda k: map50[k] / ceiling(k))
+    ratios = {k: map50[k] / _real_of_as_many(map50, k) for k in (*DIODE_SOURCES, *MORE)
+              if k.startswith("diode") and k in map50 and _real_of_as_many(map50, k) > 0}
+    best_name = max(ratios, key=ratios.__getitem__)
     best = map50[best_name]
     others = max(map50["proxy"], map50["noise"])
     return {
@@ -505,10 +502,15 @@ def goal(map50: dict[str, float], target: float = 0.8) -> dict[str, Any]:
         "diode_over_real": onebox / real if real > 0 else None,
         "met": bool(onebox >= target * real and onebox > others),
         "best_diode": best_name,
-        "best_diode_over_real": best / ceiling(best_name),
+        "best_diode_over_real": ratios[best_name],
         "best_diode_minus_proxy": best - map50["proxy"],
-        "best_met": bool(best >= target * ceiling(best_name) and best > others),
+        "best_met": bool(best >= target * _real_of_as_many(map50, best_name) and best > others),
     }
+
+
+def _real_of_as_many(map50: dict[str, float], name: str) -> float:
+    """The real row of as many images and steps as row ``name``: ``real_2x`` for the ``*_2x`` rows, else ``real``."""
+    return map50["real_2x"] if name.endswith("_2x") else map50["real"]
 
 
 def _mean_inversion_map50(manifest: dict[str, Any]) -> float | None:
@@ -530,8 +532,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"| {results['teacher_map50']:.3f} | |")
     for name in (*SOURCES, *MORE):
         value = results["map50"][name]
-        ceiling = results["map50"]["real_2x"] if name.endswith("_2x") else real
-        rows.append(f"| {LABELS[name]} | {value:.3f} | {_ratio(value, ceiling)} |")
+        rows.append(f"| {LABELS[name]} | {value:.3f} | {_ratio(value, _real_of_as_many(results['map50'], name))} |")
     cross = results["cross_arch"]
     for key, data in (("real_map50", "real images"), ("map50", "DIODE images")):
         rows.append(f"| narrower student (width {cross['width']}), pseudo_labels, {data} "
